@@ -1,0 +1,1 @@
+"""FHIR R4 REST record store: CRUD, history, conditional operations, bundles, $everything."""

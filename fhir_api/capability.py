@@ -1,0 +1,67 @@
+"""The CapabilityStatement, generated from what the server really supports."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from fhir_api.search_index import search_parameters_for
+from fhir_api.validation import JSONObject, supported_resource_types
+
+INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
+
+
+@cache
+def capability_statement(base_url: str, software_version: str) -> JSONObject:
+    """Describe the server's REST interface for /fhir/metadata."""
+    resources: list[JSONObject] = []
+    for resource_type in sorted(supported_resource_types()):
+        search_params = [
+            {
+                "name": code,
+                "type": info.type,
+                **({"definition": info.url} if getattr(info, "url", None) else {}),
+            }
+            for code, info in sorted(search_parameters_for(resource_type).items())
+            if info.type != "special"
+        ]
+        entry: JSONObject = {
+            "type": resource_type,
+            "interaction": [{"code": code} for code in INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "referencePolicy": ["literal", "logical", "local", "enforced"],
+            "searchParam": search_params,
+        }
+        if resource_type == "Patient":
+            entry["operation"] = [
+                {
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                }
+            ]
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "kind": "instance",
+        "software": {"name": "Waha", "version": software_version},
+        "implementation": {"description": "Waha FHIR R4 record store", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "resource": resources,
+                "interaction": [
+                    {"code": "transaction"},
+                    {"code": "batch"},
+                    {"code": "history-system"},
+                ],
+            }
+        ],
+    }

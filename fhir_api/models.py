@@ -1,0 +1,170 @@
+"""Tables of the record store: current versions, history, search index and receipts.
+
+One row per resource carries the token and reference index as text arrays (GIN),
+so the common case writes no separate index rows; strings, dates, quantities and
+uris, which need range or prefix lookups, live in narrow side tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from hub.db import Base
+
+
+class ResourceRow(Base):
+    """The current version of one resource (or its tombstone)."""
+
+    __tablename__ = "fhir_resource"
+    __table_args__ = (
+        PrimaryKeyConstraint("resource_type", "id"),
+        Index("ix_fhir_resource_tokens", "tokens", postgresql_using="gin"),
+        Index("ix_fhir_resource_refs", "refs", postgresql_using="gin"),
+        Index("ix_fhir_resource_patient_ids", "patient_ids", postgresql_using="gin"),
+        Index("ix_fhir_resource_type_updated", "resource_type", "last_updated"),
+    )
+
+    resource_type: Mapped[str] = mapped_column(Text)
+    id: Mapped[str] = mapped_column(Text)
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # The patient compartment key: distribution key on the Citus path (DESIGN.md).
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    patient_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    tokens: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    refs: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    author: Mapped[str | None] = mapped_column(Text)
+    resource: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class ResourceVersionRow(Base):
+    """Every version ever written, deletions included (FHIR history)."""
+
+    __tablename__ = "fhir_resource_version"
+    __table_args__ = (
+        PrimaryKeyConstraint("resource_type", "id", "version_id"),
+        Index("ix_fhir_resource_version_last_updated", "last_updated"),
+        Index("ix_fhir_resource_version_type_updated", "resource_type", "last_updated"),
+    )
+
+    resource_type: Mapped[str] = mapped_column(Text)
+    id: Mapped[str] = mapped_column(Text)
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    method: Mapped[str] = mapped_column(Text)
+    deleted: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    author: Mapped[str | None] = mapped_column(Text)
+    resource: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class SearchStringRow(Base):
+    """A string search value (normalized for matching) of one resource."""
+
+    __tablename__ = "fhir_search_string"
+    __table_args__ = (
+        PrimaryKeyConstraint("resource_type", "resource_id", "param", "value_normalized"),
+        Index(
+            "ix_fhir_search_string_lookup",
+            "resource_type",
+            "param",
+            text("value_normalized text_pattern_ops"),
+        ),
+    )
+
+    resource_type: Mapped[str] = mapped_column(Text)
+    resource_id: Mapped[str] = mapped_column(Text)
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    param: Mapped[str] = mapped_column(Text)
+    value_normalized: Mapped[str] = mapped_column(Text)
+    value_exact: Mapped[str] = mapped_column(Text)
+
+
+class SearchDateRow(Base):
+    """A date search value of one resource as the closed range it covers."""
+
+    __tablename__ = "fhir_search_date"
+    __table_args__ = (
+        Index("ix_fhir_search_date_owner", "resource_type", "resource_id"),
+        Index("ix_fhir_search_date_lookup", "resource_type", "param", "low", "high"),
+    )
+
+    row_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(Text)
+    resource_id: Mapped[str] = mapped_column(Text)
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    param: Mapped[str] = mapped_column(Text)
+    low: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    high: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SearchQuantityRow(Base):
+    """A number or quantity search value of one resource, with its precision range."""
+
+    __tablename__ = "fhir_search_quantity"
+    __table_args__ = (
+        Index("ix_fhir_search_quantity_owner", "resource_type", "resource_id"),
+        Index("ix_fhir_search_quantity_lookup", "resource_type", "param", "value"),
+    )
+
+    row_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(Text)
+    resource_id: Mapped[str] = mapped_column(Text)
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    param: Mapped[str] = mapped_column(Text)
+    value: Mapped[Decimal] = mapped_column(Numeric)
+    low: Mapped[Decimal] = mapped_column(Numeric)
+    high: Mapped[Decimal] = mapped_column(Numeric)
+    system: Mapped[str | None] = mapped_column(Text)
+    code: Mapped[str | None] = mapped_column(Text)
+
+
+class SearchUriRow(Base):
+    """A uri search value of one resource."""
+
+    __tablename__ = "fhir_search_uri"
+    __table_args__ = (
+        PrimaryKeyConstraint("resource_type", "resource_id", "param", "uri"),
+        Index("ix_fhir_search_uri_lookup", "resource_type", "param", text("uri text_pattern_ops")),
+    )
+
+    resource_type: Mapped[str] = mapped_column(Text)
+    resource_id: Mapped[str] = mapped_column(Text)
+    compartment_key: Mapped[str | None] = mapped_column(Text)
+    param: Mapped[str] = mapped_column(Text)
+    uri: Mapped[str] = mapped_column(Text)
+
+
+class BundleReceiptRow(Base):
+    """The stored answer to a bundle, keyed by client and Bundle.identifier."""
+
+    __tablename__ = "fhir_bundle_receipt"
+    __table_args__ = (PrimaryKeyConstraint("client_id", "bundle_identifier"),)
+
+    client_id: Mapped[str] = mapped_column(Text)
+    bundle_identifier: Mapped[str] = mapped_column(Text)
+    content_sha256: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[int] = mapped_column(SmallInteger)
+    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )

@@ -1,0 +1,433 @@
+"""All SQL of the record store. Writes are batched into a few multi-row statements."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from fhir_api.models import (
+    BundleReceiptRow,
+    ResourceRow,
+    ResourceVersionRow,
+    SearchDateRow,
+    SearchQuantityRow,
+    SearchStringRow,
+    SearchUriRow,
+)
+from fhir_api.search_index import IndexValues
+
+SIDE_TABLES = (SearchStringRow, SearchDateRow, SearchQuantityRow, SearchUriRow)
+
+
+@dataclass(slots=True)
+class VersionWrite:
+    """One new version of one resource, ready to be written."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
+    method: str
+    deleted: bool
+    author: str
+    resource: dict[str, Any] | None
+    index: IndexValues | None
+    replaces_existing: bool
+
+
+def lock_key(text_key: str) -> int:
+    """Map a text key to a signed 64-bit advisory-lock key."""
+    digest = hashlib.blake2b(text_key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_keys(session: Session, keys: Iterable[str]) -> None:
+    """Take transaction-scoped advisory locks, in a fixed order so bundles never deadlock."""
+    numbers = sorted({lock_key(k) for k in keys})
+    if numbers:
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+            {"keys": numbers},
+        )
+
+
+def get_current(session: Session, resource_type: str, resource_id: str) -> ResourceRow | None:
+    """Return the current row of a resource, tombstones included."""
+    statement = (
+        select(ResourceRow)
+        .where(ResourceRow.resource_type == resource_type, ResourceRow.id == resource_id)
+        .execution_options(populate_existing=True)
+    )
+    return session.execute(statement).scalar_one_or_none()
+
+
+def list_current_versions(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, bool]]:
+    """Return (version, deleted) of each existing (type, id) among `keys`."""
+    if not keys:
+        return {}
+    rows = session.execute(
+        select(
+            ResourceRow.resource_type, ResourceRow.id, ResourceRow.version_id, ResourceRow.deleted
+        ).where(tuple_(ResourceRow.resource_type, ResourceRow.id).in_(list(keys)))
+    )
+    return {(r.resource_type, r.id): (r.version_id, r.deleted) for r in rows}
+
+
+def list_existing(session: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Return which (type, id) pairs exist and are not deleted."""
+    if not keys:
+        return set()
+    rows = session.execute(
+        select(ResourceRow.resource_type, ResourceRow.id).where(
+            tuple_(ResourceRow.resource_type, ResourceRow.id).in_(list(keys)),
+            ResourceRow.deleted.is_(False),
+        )
+    )
+    return {(r.resource_type, r.id) for r in rows}
+
+
+def get_version(
+    session: Session, resource_type: str, resource_id: str, version_id: int
+) -> ResourceVersionRow | None:
+    """Return one historical version."""
+    return session.get(ResourceVersionRow, (resource_type, resource_id, version_id))
+
+
+def list_ids_matching(
+    session: Session, resource_type: str, conditions: Sequence[ColumnElement[bool]], limit: int
+) -> list[str]:
+    """Return ids of current, undeleted resources matching all conditions."""
+    statement = (
+        select(ResourceRow.id)
+        .where(
+            ResourceRow.resource_type == resource_type,
+            ResourceRow.deleted.is_(False),
+            *conditions,
+        )
+        .limit(limit)
+    )
+    return list(session.execute(statement).scalars())
+
+
+def tokens_contain(keys: Sequence[str]) -> ColumnElement[bool]:
+    """Condition: the token index holds every key."""
+    return ResourceRow.tokens.contains(list(keys))
+
+
+def tokens_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
+    """Condition: the token index holds at least one key."""
+    return ResourceRow.tokens.overlap(list(keys))
+
+
+def refs_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
+    """Condition: the reference index holds at least one key."""
+    return ResourceRow.refs.overlap(list(keys))
+
+
+def id_in(ids: Sequence[str]) -> ColumnElement[bool]:
+    """Condition: the resource id is one of `ids`."""
+    return ResourceRow.id.in_(list(ids))
+
+
+def string_starts_with(resource_type: str, param: str, prefixes: Sequence[str]) -> Any:
+    """Condition: some normalized string value of `param` starts with a prefix."""
+    matches = or_(*(SearchStringRow.value_normalized.startswith(p, autoescape=True) for p in prefixes))
+    return ResourceRow.id.in_(
+        select(SearchStringRow.resource_id).where(
+            SearchStringRow.resource_type == resource_type, SearchStringRow.param == param, matches
+        )
+    )
+
+
+def string_equals(resource_type: str, param: str, values: Sequence[str]) -> Any:
+    """Condition: some exact string value of `param` equals a value."""
+    return ResourceRow.id.in_(
+        select(SearchStringRow.resource_id).where(
+            SearchStringRow.resource_type == resource_type,
+            SearchStringRow.param == param,
+            SearchStringRow.value_exact.in_(list(values)),
+        )
+    )
+
+
+def uri_equals(resource_type: str, param: str, values: Sequence[str]) -> Any:
+    """Condition: some uri value of `param` equals a value."""
+    return ResourceRow.id.in_(
+        select(SearchUriRow.resource_id).where(
+            SearchUriRow.resource_type == resource_type,
+            SearchUriRow.param == param,
+            SearchUriRow.uri.in_(list(values)),
+        )
+    )
+
+
+def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
+    """Write current rows, history rows and index rows of many versions at once."""
+    if not writes:
+        return
+    current_rows: list[dict[str, Any]] = []
+    history_rows: list[dict[str, Any]] = []
+    strings: list[dict[str, Any]] = []
+    dates: list[dict[str, Any]] = []
+    quantities: list[dict[str, Any]] = []
+    uris: list[dict[str, Any]] = []
+    replaced: list[tuple[str, str]] = []
+    for write in writes:
+        index = write.index
+        patient_ids = sorted(index.patient_ids) if index else []
+        compartment_key = patient_ids[0] if patient_ids else None
+        if write.resource_type == "Patient":
+            compartment_key = write.id
+        current_rows.append(
+            {
+                "resource_type": write.resource_type,
+                "id": write.id,
+                "version_id": write.version_id,
+                "last_updated": write.last_updated,
+                "deleted": write.deleted,
+                "compartment_key": compartment_key,
+                "patient_ids": patient_ids,
+                "tokens": index.tokens if index else [],
+                "refs": index.references if index else [],
+                "author": write.author,
+                "resource": write.resource,
+            }
+        )
+        history_rows.append(
+            {
+                "resource_type": write.resource_type,
+                "id": write.id,
+                "version_id": write.version_id,
+                "last_updated": write.last_updated,
+                "method": write.method,
+                "deleted": write.deleted,
+                "compartment_key": compartment_key,
+                "author": write.author,
+                "resource": write.resource,
+            }
+        )
+        if write.replaces_existing:
+            replaced.append((write.resource_type, write.id))
+        if index is None:
+            continue
+        owner = {
+            "resource_type": write.resource_type,
+            "resource_id": write.id,
+            "compartment_key": compartment_key,
+        }
+        seen_strings: set[tuple[str, str]] = set()
+        for param, normalized, exact in index.strings:
+            if (param, normalized) not in seen_strings:
+                seen_strings.add((param, normalized))
+                strings.append(
+                    {**owner, "param": param, "value_normalized": normalized, "value_exact": exact}
+                )
+        for param, low, high in index.dates:
+            dates.append({**owner, "param": param, "low": low, "high": high})
+        for param, value, low_q, high_q, system, code in index.quantities:
+            quantities.append(
+                {
+                    **owner,
+                    "param": param,
+                    "value": value,
+                    "low": low_q,
+                    "high": high_q,
+                    "system": system,
+                    "code": code,
+                }
+            )
+        for param, uri in dict.fromkeys(index.uris):
+            uris.append({**owner, "param": param, "uri": uri})
+
+    if replaced:
+        for table in SIDE_TABLES:
+            session.execute(
+                delete(table).where(tuple_(table.resource_type, table.resource_id).in_(replaced))
+            )
+    upsert = pg_insert(ResourceRow)
+    session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[ResourceRow.resource_type, ResourceRow.id],
+            set_={
+                column: getattr(upsert.excluded, column)
+                for column in (
+                    "version_id",
+                    "last_updated",
+                    "deleted",
+                    "compartment_key",
+                    "patient_ids",
+                    "tokens",
+                    "refs",
+                    "author",
+                    "resource",
+                )
+            },
+        ),
+        current_rows,
+    )
+    session.execute(insert(ResourceVersionRow), history_rows)
+    for table, rows in (
+        (SearchStringRow, strings),
+        (SearchDateRow, dates),
+        (SearchQuantityRow, quantities),
+        (SearchUriRow, uris),
+    ):
+        if rows:
+            session.execute(insert(table), rows)
+
+
+def list_history(
+    session: Session,
+    *,
+    resource_type: str | None,
+    resource_id: str | None,
+    since: datetime | None,
+    before: Any,
+    limit: int,
+) -> list[ResourceVersionRow]:
+    """Return versions newest first, from a keyset cursor (last_updated, type, id, vid)."""
+    statement = select(ResourceVersionRow)
+    if resource_type is not None:
+        statement = statement.where(ResourceVersionRow.resource_type == resource_type)
+    if resource_id is not None:
+        statement = statement.where(ResourceVersionRow.id == resource_id)
+    if since is not None:
+        statement = statement.where(ResourceVersionRow.last_updated >= since)
+    if before is not None:
+        statement = statement.where(
+            tuple_(
+                ResourceVersionRow.last_updated,
+                ResourceVersionRow.resource_type,
+                ResourceVersionRow.id,
+                ResourceVersionRow.version_id,
+            )
+            < tuple_(*before)
+        )
+    statement = statement.order_by(
+        ResourceVersionRow.last_updated.desc(),
+        ResourceVersionRow.resource_type.desc(),
+        ResourceVersionRow.id.desc(),
+        ResourceVersionRow.version_id.desc(),
+    ).limit(limit)
+    return list(session.execute(statement).scalars())
+
+
+def count_history(
+    session: Session, *, resource_type: str | None, resource_id: str | None, since: datetime | None
+) -> int:
+    """Count versions in a history view."""
+    statement = select(func.count()).select_from(ResourceVersionRow)
+    if resource_type is not None:
+        statement = statement.where(ResourceVersionRow.resource_type == resource_type)
+    if resource_id is not None:
+        statement = statement.where(ResourceVersionRow.id == resource_id)
+    if since is not None:
+        statement = statement.where(ResourceVersionRow.last_updated >= since)
+    return int(session.execute(statement).scalar_one())
+
+
+def list_compartment(
+    session: Session,
+    *,
+    patient_id: str,
+    types: Sequence[str] | None,
+    since: datetime | None,
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[Row[tuple[str, str, dict[str, Any]]]]:
+    """Return a page of a patient's compartment plus the resources it references.
+
+    Ordered by (type, id) so that keyset paging is stable while new resources arrive.
+    """
+    compartment = select(
+        ResourceRow.resource_type, ResourceRow.id, ResourceRow.resource, ResourceRow.last_updated
+    ).where(
+        ResourceRow.deleted.is_(False),
+        or_(
+            ResourceRow.patient_ids.contains([patient_id]),
+            and_(ResourceRow.resource_type == "Patient", ResourceRow.id == patient_id),
+        ),
+    )
+    referenced_keys = (
+        select(
+            func.split_part(literal_column("ref_target"), "/", 1).label("rt"),
+            func.split_part(literal_column("ref_target"), "/", 2).label("rid"),
+        )
+        .select_from(
+            select(
+                func.split_part(func.unnest(ResourceRow.refs), "=", 2).label("ref_target")
+            )
+            .where(ResourceRow.deleted.is_(False), ResourceRow.patient_ids.contains([patient_id]))
+            .subquery()
+        )
+        .distinct()
+        .subquery()
+    )
+    referenced = select(
+        ResourceRow.resource_type, ResourceRow.id, ResourceRow.resource, ResourceRow.last_updated
+    ).where(
+        ResourceRow.deleted.is_(False),
+        ResourceRow.compartment_key.is_(None),
+        tuple_(ResourceRow.resource_type, ResourceRow.id).in_(
+            select(referenced_keys.c.rt, referenced_keys.c.rid)
+        ),
+    )
+    union = compartment.union(referenced).subquery()
+    statement = select(union.c.resource_type, union.c.id, union.c.resource)
+    if types:
+        statement = statement.where(union.c.resource_type.in_(list(types)))
+    if since is not None:
+        statement = statement.where(union.c.last_updated >= since)
+    if after is not None:
+        statement = statement.where(tuple_(union.c.resource_type, union.c.id) > tuple_(*after))
+    statement = statement.order_by(union.c.resource_type, union.c.id).limit(limit)
+    return list(session.execute(statement).all())  # type: ignore[arg-type]
+
+
+def get_receipt(
+    session: Session, client_id: str, bundle_identifier: str
+) -> BundleReceiptRow | None:
+    """Return the stored answer to a bundle, if any."""
+    return session.get(BundleReceiptRow, (client_id, bundle_identifier))
+
+
+def add_receipt(
+    session: Session,
+    *,
+    client_id: str,
+    bundle_identifier: str,
+    content_sha256: bytes,
+    status: int,
+    response: dict[str, Any],
+) -> None:
+    """Store the answer to a bundle under its idempotency key."""
+    session.execute(
+        insert(BundleReceiptRow).values(
+            client_id=client_id,
+            bundle_identifier=bundle_identifier,
+            content_sha256=content_sha256,
+            status=status,
+            response=response,
+        )
+    )

@@ -1,0 +1,422 @@
+"""FHIR R4 REST edge: one interaction table over generic /fhir/{type} paths."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import Response
+
+from fhir_api import reads, service
+from fhir_api.capability import capability_statement
+from fhir_api.context import RequestContext
+from fhir_api.errors import UnparsableBody
+from fhir_api.validation import JSONObject, parse_json
+from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
+from hub.db import SessionDep
+from hub.errors import FHIR_MEDIA_TYPE, PayloadTooLarge, UnsupportedMediaType
+from hub.settings import Settings, get_settings
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ACCEPTED_BODY_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+
+public_router = APIRouter(prefix="/fhir")
+router = APIRouter(prefix="/fhir")
+
+
+def fhir_response(
+    body: JSONObject | None, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """Serialize a FHIR body as application/fhir+json."""
+    content = orjson.dumps(body) if body is not None else b""
+    return Response(content, status_code=status, media_type=FHIR_MEDIA_TYPE, headers=headers)
+
+
+async def fhir_body(request: Request, settings: SettingsDep) -> bytes:
+    """Read a FHIR JSON body, enforcing its media type and size limit."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ACCEPTED_BODY_TYPES:
+        raise UnsupportedMediaType(
+            f"send application/fhir+json (got {content_type or 'no Content-Type'})"
+        )
+    limit = settings.max_json_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request_context(request: Request) -> RequestContext:
+    """Describe the caller; the auth layer replaces the anonymous identity."""
+    request_id = getattr(request.state, "request_id", "-")
+    principal = getattr(request.state, "principal", None)
+    client_id = getattr(principal, "client_id", "anonymous")
+    author = getattr(principal, "author", client_id)
+    return RequestContext(client_id=client_id, author=author, request_id=request_id)
+
+
+BodyDep = Annotated[bytes, Depends(fhir_body)]
+ContextDep = Annotated[RequestContext, Depends(request_context)]
+PreferHeader = Annotated[str | None, Header(alias="Prefer")]
+
+
+def write_settings(settings: Settings) -> WriteSettings:
+    """Return what the write engine needs from the settings."""
+    return WriteSettings(
+        base_url=settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
+
+
+def _prefer_return(prefer: str | None) -> str:
+    for part in (prefer or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
+def _resource_headers(result: EntryResult, base_url: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if result.version_id is not None:
+        headers["ETag"] = f'W/"{result.version_id}"'
+    if result.last_updated is not None:
+        headers["Last-Modified"] = result.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    if result.status == 201 and result.resource_type and result.resource_id:
+        headers["Location"] = (
+            f"{base_url}/{result.resource_type}/{result.resource_id}/_history/{result.version_id}"
+        )
+    return headers
+
+
+def _write_response(result: EntryResult, prefer: str | None, base_url: str) -> Response:
+    headers = _resource_headers(result, base_url)
+    if result.status == 204:
+        return Response(status_code=204, headers=headers)
+    wanted = _prefer_return(prefer)
+    if wanted == "minimal":
+        return Response(status_code=result.status, headers=headers)
+    if wanted == "OperationOutcome":
+        message = f"{result.resource_type}/{result.resource_id} version {result.version_id}"
+        return fhir_response(service.outcome_for(result.status, message), result.status, headers)
+    return fhir_response(result.resource, result.status, headers)
+
+
+def _self_link(request: Request, settings: Settings) -> str:
+    query = f"?{request.url.query}" if request.url.query else ""
+    return f"{settings.public_base_url.rstrip('/')}{request.url.path}{query}"
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise UnparsableBody(f"_since {value!r} is not a FHIR instant") from error
+    if moment.tzinfo is None:
+        raise UnparsableBody("_since must carry a time zone")
+    return moment
+
+
+def _page(settings: Settings, count: int | None, cursor: str | None) -> reads.Page:
+    size = settings.default_page_size if count is None else count
+    return reads.Page(count=max(0, min(size, settings.max_page_size)), cursor=cursor)
+
+
+CountQuery = Annotated[int | None, Query(alias="_count", ge=0)]
+CursorQuery = Annotated[str | None, Query(alias="_cursor")]
+SinceQuery = Annotated[str | None, Query(alias="_since")]
+
+
+@public_router.get("/metadata", response_model=None)
+def metadata(settings: SettingsDep) -> Response:
+    """Answer the CapabilityStatement."""
+    return fhir_response(capability_statement(settings.fhir_base_url, "0.1.0"))
+
+
+@router.post("", response_model=None)
+def bundle_interaction(
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: BodyDep,
+    prefer: PreferHeader = None,
+) -> Response:
+    """Process a transaction or batch Bundle."""
+    status, response = service.process_bundle(
+        session,
+        parse_json(body),
+        context=context,
+        settings=write_settings(settings),
+        limits=service.BundleLimits(
+            max_entries=settings.max_bundle_entries,
+            idempotency_wait_seconds=settings.idempotency_wait_seconds,
+        ),
+        representation=_prefer_return(prefer) == "representation" and prefer is not None,
+    )
+    return fhir_response(response, status)
+
+
+@router.get("/_history", response_model=None)
+def system_history(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    count: CountQuery = None,
+    cursor: CursorQuery = None,
+    since: SinceQuery = None,
+) -> Response:
+    """Answer the history of every resource."""
+    bundle = reads.history_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        resource_type=None,
+        resource_id=None,
+        since=_parse_since(since),
+        page=_page(settings, count, cursor),
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+
+@router.get("/{resource_type}", response_model=None)
+def search_type(
+    resource_type: str, request: Request, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Search a type (the criteria conditional interactions support)."""
+    bundle = reads.search_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        resource_type=resource_type,
+        query=request.url.query,
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+
+@router.post("/{resource_type}", response_model=None)
+def create(
+    resource_type: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: BodyDep,
+    prefer: PreferHeader = None,
+    if_none_exist: Annotated[str | None, Header(alias="If-None-Exist")] = None,
+) -> Response:
+    """Create a resource (conditionally with If-None-Exist)."""
+    entry = EntryRequest(
+        method="POST",
+        resource_type=resource_type,
+        resource=parse_json(body),
+        if_none_exist=if_none_exist,
+    )
+    result = service.run_interaction(
+        session, entry, context=context, settings=write_settings(settings)
+    )
+    return _write_response(result, prefer, settings.fhir_base_url)
+
+
+@router.put("/{resource_type}", response_model=None)
+def conditional_update(
+    resource_type: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: BodyDep,
+    prefer: PreferHeader = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    """Update the one resource matching the query, or create it."""
+    if not request.url.query:
+        raise UnparsableBody("a conditional update needs search criteria")
+    entry = EntryRequest(
+        method="PUT",
+        resource_type=resource_type,
+        query=request.url.query,
+        resource=parse_json(body),
+        if_match=if_match,
+    )
+    result = service.run_interaction(
+        session, entry, context=context, settings=write_settings(settings)
+    )
+    return _write_response(result, prefer, settings.fhir_base_url)
+
+
+@router.delete("/{resource_type}", response_model=None)
+def conditional_delete(
+    resource_type: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+) -> Response:
+    """Delete the one resource matching the query."""
+    if not request.url.query:
+        raise UnparsableBody("a conditional delete needs search criteria")
+    entry = EntryRequest(method="DELETE", resource_type=resource_type, query=request.url.query)
+    result = service.run_interaction(
+        session, entry, context=context, settings=write_settings(settings)
+    )
+    return Response(status_code=204, headers=_resource_headers(result, settings.fhir_base_url))
+
+
+@router.get("/{resource_type}/_history", response_model=None)
+def type_history(
+    resource_type: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    count: CountQuery = None,
+    cursor: CursorQuery = None,
+    since: SinceQuery = None,
+) -> Response:
+    """Answer the history of every resource of a type."""
+    bundle = reads.history_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        resource_type=resource_type,
+        resource_id=None,
+        since=_parse_since(since),
+        page=_page(settings, count, cursor),
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+
+@router.post("/{resource_type}/_search", response_model=None)
+async def search_type_post(resource_type: str, request: Request) -> Response:
+    """Refuse form search until the search API lands (read the body first)."""
+    await request.body()
+    raise UnparsableBody(f"POST {resource_type}/_search is not supported yet")
+
+
+@router.get("/{resource_type}/{resource_id}", response_model=None)
+def read(
+    resource_type: str, resource_id: str, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """Read the current version of a resource."""
+    result = reads.read_resource(session, resource_type=resource_type, resource_id=resource_id)
+    return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
+
+
+@router.put("/{resource_type}/{resource_id}", response_model=None)
+def update(
+    resource_type: str,
+    resource_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: BodyDep,
+    prefer: PreferHeader = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    """Update a resource, or create it under the client's id."""
+    entry = EntryRequest(
+        method="PUT",
+        resource_type=resource_type,
+        resource_id=resource_id,
+        resource=parse_json(body),
+        if_match=if_match,
+        if_none_match=if_none_match,
+    )
+    result = service.run_interaction(
+        session, entry, context=context, settings=write_settings(settings)
+    )
+    return _write_response(result, prefer, settings.fhir_base_url)
+
+
+@router.delete("/{resource_type}/{resource_id}", response_model=None)
+def delete(
+    resource_type: str,
+    resource_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    context: ContextDep,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    """Delete a resource; its history stays."""
+    entry = EntryRequest(
+        method="DELETE", resource_type=resource_type, resource_id=resource_id, if_match=if_match
+    )
+    result = service.run_interaction(
+        session, entry, context=context, settings=write_settings(settings)
+    )
+    return Response(status_code=204, headers=_resource_headers(result, settings.fhir_base_url))
+
+
+@router.get("/{resource_type}/{resource_id}/_history", response_model=None)
+def instance_history(
+    resource_type: str,
+    resource_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    count: CountQuery = None,
+    cursor: CursorQuery = None,
+    since: SinceQuery = None,
+) -> Response:
+    """Answer every version of one resource."""
+    bundle = reads.history_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        since=_parse_since(since),
+        page=_page(settings, count, cursor),
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+
+@router.get("/{resource_type}/{resource_id}/_history/{version_id}", response_model=None)
+def vread(
+    resource_type: str,
+    resource_id: str,
+    version_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """Read one version of a resource."""
+    result = reads.vread_resource(
+        session, resource_type=resource_type, resource_id=resource_id, version_id=version_id
+    )
+    return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
+
+
+@router.get("/Patient/{patient_id}/$everything", response_model=None)
+def patient_everything(
+    patient_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    count: CountQuery = None,
+    cursor: CursorQuery = None,
+    since: SinceQuery = None,
+    types: Annotated[str | None, Query(alias="_type")] = None,
+) -> Response:
+    """Answer Patient/$everything: the patient's compartment and what it references."""
+    bundle = reads.everything_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        patient_id=patient_id,
+        types=[t for t in types.split(",") if t] if types else None,
+        since=_parse_since(since),
+        page=_page(settings, count, cursor),
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+

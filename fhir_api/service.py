@@ -1,0 +1,274 @@
+"""Rules of the FHIR record store: interactions, Bundles and replay-safe ingest."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import psycopg.errors
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from fhir_api import repository
+from fhir_api.context import RequestContext
+from fhir_api.errors import (
+    BundleInFlight,
+    BundleTooLarge,
+    IdempotencyConflict,
+    UnparsableBody,
+    at,
+)
+from fhir_api.validation import JSONObject
+from fhir_api.writes import (
+    EntryRequest,
+    EntryResult,
+    TransactionEngine,
+    WriteSettings,
+    format_instant,
+)
+from hub.errors import Issue, WahaError, operation_outcome
+
+REASON_PHRASES = {
+    200: "200 OK",
+    201: "201 Created",
+    204: "204 No Content",
+    304: "304 Not Modified",
+    400: "400 Bad Request",
+    404: "404 Not Found",
+    409: "409 Conflict",
+    410: "410 Gone",
+    412: "412 Precondition Failed",
+    413: "413 Payload Too Large",
+    422: "422 Unprocessable Entity",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BundleLimits:
+    """How large a Bundle may be and how long a duplicate waits for its twin."""
+
+    max_entries: int
+    idempotency_wait_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedUrl:
+    """The parts of an interaction URL relative to the FHIR base."""
+
+    resource_type: str | None
+    resource_id: str | None
+    version_id: str | None
+    query: str | None
+    operation: str | None
+
+
+def parse_interaction_url(url: str, *, base_url: str) -> ParsedUrl:
+    """Split `Type`, `Type/id`, `Type/id/_history/vid`, `Type?query` and `Type/id/$op`."""
+    if url.startswith(base_url + "/"):
+        url = url[len(base_url) + 1 :]
+    elif "://" in url:
+        raise UnparsableBody(f"{url} is not on this server")
+    split = urlsplit(url)
+    parts = [p for p in split.path.split("/") if p]
+    query = split.query if "?" in url else None
+    if not parts:
+        return ParsedUrl(None, None, None, query, None)
+    operation = parts[-1] if parts[-1].startswith("$") else None
+    if operation:
+        parts = parts[:-1]
+    resource_type = parts[0] if parts else None
+    resource_id = parts[1] if len(parts) > 1 else None
+    version_id = None
+    if len(parts) == 4 and parts[2] == "_history":
+        version_id = parts[3]
+    elif len(parts) > 2:
+        raise UnparsableBody(f"{url} is not an interaction URL Waha understands")
+    return ParsedUrl(resource_type, resource_id, version_id, query, operation)
+
+
+def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
+    path = f"Bundle.entry[{position}]"
+    if not isinstance(entry, dict):
+        raise at(UnparsableBody("a Bundle entry must be an object"), path)
+    request = entry.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+        raise at(UnparsableBody("a transaction or batch entry needs request.method"), path)
+    url = request.get("url")
+    if not isinstance(url, str):
+        raise at(UnparsableBody("a transaction or batch entry needs request.url"), path)
+    method = request["method"].upper()
+    if method not in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+        raise at(UnparsableBody(f"request.method {method} is not supported in a bundle"), path)
+    parsed = parse_interaction_url(url, base_url=base_url)
+    if parsed.resource_type is None or parsed.operation is not None:
+        raise at(UnparsableBody(f"request.url {url!r} is not supported in a bundle"), path)
+    resource = entry.get("resource")
+    if method in ("POST", "PUT") and not isinstance(resource, dict):
+        raise at(UnparsableBody(f"a {method} entry needs a resource"), path)
+    if method == "POST" and (parsed.resource_id is not None or parsed.query is not None):
+        raise at(UnparsableBody("a POST entry's url must be the resource type alone"), path)
+    if method in ("PUT", "DELETE") and parsed.resource_id is None and parsed.query is None:
+        raise at(UnparsableBody(f"a {method} entry needs an id or search criteria"), path)
+    full_url = entry.get("fullUrl")
+    return EntryRequest(
+        method=method,
+        resource_type=parsed.resource_type,
+        resource_id=parsed.resource_id,
+        version_id=parsed.version_id,
+        query=parsed.query if parsed.resource_id is None else None,
+        resource=resource if method in ("POST", "PUT") else None,
+        full_url=full_url if isinstance(full_url, str) else None,
+        if_none_exist=request.get("ifNoneExist"),
+        if_match=request.get("ifMatch"),
+        if_none_match=request.get("ifNoneMatch"),
+        path=path,
+    )
+
+
+def _response_entry(
+    result: EntryResult, *, base_url: str, representation: bool
+) -> JSONObject:
+    response: JSONObject = {"status": REASON_PHRASES.get(result.status, str(result.status))}
+    entry: JSONObject = {}
+    if result.resource_type and result.resource_id:
+        entry["fullUrl"] = f"{base_url}/{result.resource_type}/{result.resource_id}"
+    if result.version_id is not None and result.resource_type and result.resource_id:
+        response["etag"] = f'W/"{result.version_id}"'
+        if result.status in (200, 201):
+            response["location"] = (
+                f"{result.resource_type}/{result.resource_id}/_history/{result.version_id}"
+            )
+    if result.last_updated is not None:
+        response["lastModified"] = format_instant(result.last_updated)
+    if result.outcome is not None:
+        response["outcome"] = result.outcome
+    if result.search_bundle is not None:
+        entry["resource"] = result.search_bundle
+    elif result.resource is not None and (representation or result.is_read):
+        entry["resource"] = result.resource
+    entry["response"] = response
+    return entry
+
+
+def _bundle_identifier(bundle: JSONObject) -> str | None:
+    identifier = bundle.get("identifier")
+    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+        return f"{identifier.get('system', '')}|{identifier['value']}"
+    return None
+
+
+def _wait_for_twin(session: Session, key: str, wait_seconds: float) -> None:
+    # A duplicate of an in-flight bundle blocks here until the first commits or
+    # rolls back, then reads its receipt; the timeout bounds that wait.
+    session.execute(
+        text("SELECT set_config('lock_timeout', :timeout, true)"),
+        {"timeout": f"{int(wait_seconds * 1000)}ms"},
+    )
+    try:
+        repository.lock_keys(session, [key])
+    except OperationalError as error:
+        if isinstance(error.orig, psycopg.errors.LockNotAvailable):
+            raise BundleInFlight("an identical bundle is still being processed; retry") from None
+        raise
+    session.execute(text("SELECT set_config('lock_timeout', '0', true)"))
+
+
+def process_bundle(
+    session: Session,
+    bundle: Any,
+    *,
+    context: RequestContext,
+    settings: WriteSettings,
+    limits: BundleLimits,
+    representation: bool = False,
+) -> tuple[int, JSONObject]:
+    """Process a transaction or batch Bundle; replay-safe on Bundle.identifier."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise UnparsableBody("POST to the FHIR base takes a Bundle")
+    bundle_type = bundle.get("type")
+    if bundle_type not in ("transaction", "batch"):
+        raise UnparsableBody(f"Bundle.type must be transaction or batch, not {bundle_type!r}")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise UnparsableBody("Bundle.entry must be a list")
+    if len(entries) > limits.max_entries:
+        raise BundleTooLarge(f"{len(entries)} entries; the limit is {limits.max_entries}")
+
+    identifier = _bundle_identifier(bundle)
+    digest = b""
+    if identifier is not None:
+        digest = hashlib.sha256(orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)).digest()
+        _wait_for_twin(
+            session, f"bundle:{context.client_id}:{identifier}", limits.idempotency_wait_seconds
+        )
+        receipt = repository.get_receipt(session, context.client_id, identifier)
+        if receipt is not None:
+            if receipt.content_sha256 != digest:
+                raise IdempotencyConflict(
+                    "Bundle.identifier was already used by this client for other content"
+                )
+            return receipt.status, receipt.response
+
+    if bundle_type == "transaction":
+        requests = [
+            _entry_request(entry, position, base_url=settings.base_url)
+            for position, entry in enumerate(entries)
+        ]
+        engine = TransactionEngine(session, context=context, settings=settings)
+        results = engine.run(requests)
+    else:
+        results = _run_batch(session, entries, context=context, settings=settings)
+    response: JSONObject = {
+        "resourceType": "Bundle",
+        "type": f"{bundle_type}-response",
+        "entry": [
+            _response_entry(result, base_url=settings.base_url, representation=representation)
+            for result in results
+        ],
+    }
+    if identifier is not None:
+        repository.add_receipt(
+            session,
+            client_id=context.client_id,
+            bundle_identifier=identifier,
+            content_sha256=digest,
+            status=200,
+            response=response,
+        )
+    return 200, response
+
+
+def _run_batch(
+    session: Session, entries: Sequence[Any], *, context: RequestContext, settings: WriteSettings
+) -> list[EntryResult]:
+    results: list[EntryResult] = []
+    for position, entry in enumerate(entries):
+        try:
+            with session.begin_nested():
+                request = _entry_request(entry, position, base_url=settings.base_url)
+                engine = TransactionEngine(session, context=context, settings=settings)
+                results.extend(engine.run([request]))
+        except WahaError as error:
+            results.append(EntryResult(error.status, outcome=operation_outcome(error.issues)))
+    return results
+
+
+def run_interaction(
+    session: Session,
+    request: EntryRequest,
+    *,
+    context: RequestContext,
+    settings: WriteSettings,
+) -> EntryResult:
+    """Run one create, update or delete exactly as a one-entry transaction would."""
+    return TransactionEngine(session, context=context, settings=settings).run([request])[0]
+
+
+def outcome_for(status: int, message: str) -> JSONObject:
+    """Return an informational OperationOutcome (Prefer: return=OperationOutcome)."""
+    return operation_outcome([Issue("informational", message, severity="information")])

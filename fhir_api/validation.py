@@ -1,0 +1,135 @@
+"""Strict R4 validation through the fhir.resources R4B models."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import orjson
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from fhir_api.errors import (
+    InvalidResource,
+    UnknownResourceType,
+    UnparsableBody,
+    UnsupportedResourceType,
+)
+from hub.errors import Issue
+
+JSONObject = dict[str, Any]
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+# R4 types the R4B models dropped; storing them unvalidated would break strictness.
+TYPES_WITHOUT_MODEL = frozenset(
+    {
+        "EffectEvidenceSynthesis",
+        "MedicinalProduct",
+        "MedicinalProductAuthorization",
+        "MedicinalProductContraindication",
+        "MedicinalProductIndication",
+        "MedicinalProductIngredient",
+        "MedicinalProductInteraction",
+        "MedicinalProductManufactured",
+        "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical",
+        "MedicinalProductUndesirableEffect",
+        "RiskEvidenceSynthesis",
+        "SubstanceSpecification",
+    }
+)
+
+
+@cache
+def r4_resource_types() -> frozenset[str]:
+    """Return every R4 resource type, from the official patient CompartmentDefinition."""
+    source = resources.files("fhir_api.definitions") / "compartmentdefinition-patient.json"
+    definition = orjson.loads(source.read_bytes())
+    return frozenset(entry["code"] for entry in definition["resource"])
+
+
+@cache
+def supported_resource_types() -> frozenset[str]:
+    """Return the R4 resource types Waha validates and stores."""
+    return frozenset(r4_resource_types() - TYPES_WITHOUT_MODEL)
+
+
+def check_resource_type(resource_type: str) -> None:
+    """Raise unless `resource_type` is one Waha stores."""
+    if resource_type in TYPES_WITHOUT_MODEL:
+        raise UnsupportedResourceType(
+            f"{resource_type} is an R4 type without a validating model; Waha does not store it"
+        )
+    if resource_type not in supported_resource_types():
+        raise UnknownResourceType(f"unknown resource type {resource_type!r}")
+
+
+def check_id(resource_id: str) -> None:
+    """Raise unless `resource_id` follows the FHIR id rule."""
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise InvalidResource(
+            f"id {resource_id!r} breaks the FHIR id rule [A-Za-z0-9-.]{{1,64}}",
+            issues=[Issue("value", "id must match [A-Za-z0-9-.]{1,64}", "id")],
+        )
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body as JSON, or raise UnparsableBody."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise UnparsableBody(f"body is not valid JSON: {error}") from error
+
+
+def _fhirpath(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def validate_resource(resource: Any, *, expected_type: str | None = None) -> JSONObject:
+    """Validate one resource strictly; return it unchanged when valid."""
+    if not isinstance(resource, dict):
+        raise UnparsableBody("a FHIR resource must be a JSON object")
+    resource_type = resource.get("resourceType")
+    if not isinstance(resource_type, str):
+        raise UnparsableBody("the resource has no resourceType")
+    if expected_type is not None and resource_type != expected_type:
+        raise InvalidResource(
+            f"resourceType {resource_type} does not match the URL's {expected_type}",
+            issues=[Issue("invalid", "resourceType disagrees with the URL", "resourceType")],
+        )
+    check_resource_type(resource_type)
+    if "id" in resource and isinstance(resource["id"], str):
+        check_id(resource["id"])
+    model = get_fhir_model_class(resource_type)
+    try:
+        model.model_validate(resource)
+    except ValidationError as error:
+        issues = [
+            Issue(
+                "structure" if item["type"] == "extra_forbidden" else "value",
+                _describe(item),
+                f"{resource_type}.{_fhirpath(item['loc'])}" if item["loc"] else resource_type,
+            )
+            for item in error.errors(include_url=False)[:50]
+        ]
+        raise InvalidResource(
+            f"{resource_type} is not valid R4: {issues[0].diagnostics}", issues=issues
+        ) from None
+    except (TypeError, ValueError) as error:
+        raise InvalidResource(f"{resource_type} is not valid R4: {error}") from None
+    return resource
+
+
+def _describe(item: Any) -> str:
+    if item["type"] == "extra_forbidden":
+        return f"unknown element {_fhirpath(item['loc'])!r}"
+    return f"{_fhirpath(item['loc'])}: {item['msg']}"

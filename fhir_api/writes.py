@@ -1,0 +1,493 @@
+"""The write engine: one path for single interactions and Bundle entries.
+
+A transaction is planned whole before anything is written: conditional
+criteria and instance targets are locked in one sorted statement (so
+concurrent bundles serialize on what they share and never deadlock), targets
+are resolved, `urn:uuid` and conditional references rewritten, references
+checked, then every version, history row, index row and outbox event is
+written in a few multi-row statements.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from fhir_api import criteria as criteria_module
+from fhir_api import repository
+from fhir_api.context import RequestContext
+from fhir_api.errors import (
+    DanglingReference,
+    InvalidResource,
+    PreconditionFailed,
+    ResourceExists,
+    ResourceNotFound,
+    UnparsableBody,
+    VersionConflict,
+    at,
+    nest_expression,
+)
+from fhir_api.search_index import IndexValues, extract_index
+from fhir_api.validation import JSONObject, check_id, check_resource_type, validate_resource
+from hub import outbox
+from hub.errors import Issue, WahaError
+
+RESOURCE_CHANGED = "fhir.resource_changed"
+WRITE_METHODS = ("DELETE", "POST", "PUT")
+
+
+@dataclass(slots=True)
+class EntryRequest:
+    """One interaction, from a URL and headers or from a Bundle entry."""
+
+    method: str
+    resource_type: str | None
+    resource_id: str | None = None
+    version_id: str | None = None
+    query: str | None = None
+    resource: JSONObject | None = None
+    full_url: str | None = None
+    if_none_exist: str | None = None
+    if_match: str | None = None
+    if_none_match: str | None = None
+    operation: str | None = None
+    path: str = ""
+
+
+@dataclass(slots=True)
+class EntryResult:
+    """What one interaction did: status, the version it produced, an outcome."""
+
+    status: int
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version_id: int | None = None
+    last_updated: datetime | None = None
+    resource: JSONObject | None = None
+    outcome: JSONObject | None = None
+    created: bool = False
+    search_bundle: JSONObject | None = None
+    is_read: bool = False
+
+
+@dataclass(slots=True)
+class WriteSettings:
+    """What the engine needs from the settings."""
+
+    base_url: str
+    enforce_referential_integrity: bool = True
+
+
+@dataclass(slots=True)
+class _Planned:
+    entry: EntryRequest
+    position: int
+    target_id: str | None = None
+    matched_existing: bool = False
+    no_op_status: int | None = None
+    criteria: list[criteria_module.Criterion] = field(default_factory=list)
+    index: IndexValues | None = None
+
+
+def format_instant(moment: datetime) -> str:
+    """Render a timestamp as a FHIR instant."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def parse_version_etag(value: str) -> str:
+    """Return the version named by an ETag such as W/"3"."""
+    stripped = value.strip()
+    if stripped.startswith("W/"):
+        stripped = stripped[2:]
+    return stripped.strip('"')
+
+
+def _iter_reference_holders(node: Any, path: str) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """Yield (holder, key, FHIRPath) for every Reference.reference and Attachment.url."""
+    if isinstance(node, dict):
+        reference = node.get("reference")
+        if isinstance(reference, str):
+            yield node, "reference", f"{path}.reference"
+        attachment_url = node.get("url")
+        if isinstance(attachment_url, str) and attachment_url.startswith("urn:"):
+            yield node, "url", f"{path}.url"
+        for key, value in node.items():
+            if isinstance(value, dict | list):
+                yield from _iter_reference_holders(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for position, item in enumerate(node):
+            yield from _iter_reference_holders(item, f"{path}[{position}]")
+
+
+class TransactionEngine:
+    """Plan and apply a list of interactions as one all-or-nothing unit."""
+
+    def __init__(
+        self, session: Session, *, context: RequestContext, settings: WriteSettings
+    ) -> None:
+        self.session = session
+        self.context = context
+        self.settings = settings
+        self.now = datetime.now(UTC)
+
+    def run(self, entries: Sequence[EntryRequest]) -> list[EntryResult]:
+        """Apply every entry in the spec's order; return results in the entries' order."""
+        planned = [_Planned(entry, position) for position, entry in enumerate(entries)]
+        self._validate(planned)
+        self._lock(planned)
+        results: dict[int, EntryResult] = {}
+        writes: list[_Planned] = []
+        created: list[_Planned] = []
+        order = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3, "HEAD": 3}
+        for item in sorted(planned, key=lambda p: order.get(p.entry.method, 4)):
+            if item.entry.method in WRITE_METHODS:
+                self._guard(item, lambda it=item: self._resolve_target(it, created))
+                if item.no_op_status is None and not item.matched_existing:
+                    writes.append(item)
+                    if item.entry.method != "DELETE":
+                        created.append(item)
+        self._check_duplicate_targets(writes)
+        self._rewrite_references(planned, created)
+        results.update(self._apply_writes(writes))
+        for item in planned:
+            if item.matched_existing or item.no_op_status is not None:
+                results[item.position] = self._matched_result(item)
+        reads = [item for item in planned if item.entry.method in ("GET", "HEAD")]
+        for item in reads:
+            results[item.position] = self._guard(item, lambda it=item: self._read(it))
+        return [results[position] for position in range(len(planned))]
+
+    def _guard(self, item: _Planned, action: Any) -> Any:
+        try:
+            return action()
+        except WahaError as error:
+            raise at(error, item.entry.path) if item.entry.path else error from None
+
+    def _validate(self, planned: Sequence[_Planned]) -> None:
+        issues: list[Issue] = []
+        first: WahaError | None = None
+        for item in planned:
+            entry = item.entry
+            try:
+                if entry.resource_type is not None:
+                    check_resource_type(entry.resource_type)
+                if entry.resource_id is not None:
+                    check_id(entry.resource_id)
+                if entry.method in ("POST", "PUT"):
+                    if entry.resource is None:
+                        raise UnparsableBody(f"{entry.method} needs a resource")
+                    validate_resource(entry.resource, expected_type=entry.resource_type)
+                    body_id = entry.resource.get("id")
+                    if entry.method == "PUT" and entry.resource_id is not None:
+                        if body_id is None:
+                            raise InvalidResource(
+                                "an update must carry the resource's id",
+                                issues=[Issue("required", "id is missing", "id")],
+                            )
+                        if body_id != entry.resource_id:
+                            raise InvalidResource(
+                                f"the body's id {body_id!r} differs from the URL's",
+                                issues=[Issue("invalid", "id differs from the URL", "id")],
+                            )
+            except WahaError as error:
+                error = at(error, entry.path) if entry.path else error
+                first = first or error
+                issues.extend(error.issues)
+        if first is not None:
+            first.issues = issues[:100]
+            raise first
+
+    def _lock(self, planned: Sequence[_Planned]) -> None:
+        keys: list[str] = []
+        for item in planned:
+            entry = item.entry
+            if entry.method not in WRITE_METHODS:
+                continue
+            query = entry.if_none_exist if entry.method == "POST" else entry.query
+            if query is not None:
+                canonical = criteria_module.normalized_query(query)
+                keys.append(f"cond:{entry.resource_type}?{canonical}")
+            elif entry.resource_id is not None:
+                keys.append(f"res:{entry.resource_type}/{entry.resource_id}")
+        repository.lock_keys(self.session, keys)
+
+    def _search(
+        self, resource_type: str, query: str, created: Sequence[_Planned]
+    ) -> tuple[list[str], list[criteria_module.Criterion]]:
+        criteria = criteria_module.parse_criteria(
+            resource_type, query, base_url=self.settings.base_url
+        )
+        conditions = criteria_module.to_conditions(resource_type, criteria)
+        found = repository.list_ids_matching(self.session, resource_type, conditions, limit=2)
+        for other in created:
+            if other.entry.resource_type != resource_type or other.target_id is None:
+                continue
+            if other.index is None and other.entry.resource is not None:
+                other.index = extract_index(other.entry.resource)
+            if other.index is not None and criteria_module.matches(
+                criteria, other.target_id, other.index
+            ):
+                found.append(other.target_id)
+        return list(dict.fromkeys(found)), criteria
+
+    def _resolve_target(self, item: _Planned, created: Sequence[_Planned]) -> None:
+        entry = item.entry
+        assert entry.resource_type is not None  # noqa: S101 - guaranteed by the parser
+        if entry.method == "POST":
+            if entry.if_none_exist:
+                found, _ = self._search(entry.resource_type, entry.if_none_exist, created)
+                if len(found) > 1:
+                    raise PreconditionFailed(
+                        f"If-None-Exist matched {len(found)} {entry.resource_type} resources"
+                    )
+                if found:
+                    item.target_id = found[0]
+                    item.matched_existing = True
+                    return
+            item.target_id = str(uuid.uuid4())
+        elif entry.method == "PUT":
+            if entry.query is not None:
+                found, _ = self._search(entry.resource_type, entry.query, created)
+                if len(found) > 1:
+                    raise PreconditionFailed(
+                        f"conditional update matched {len(found)} {entry.resource_type} resources"
+                    )
+                body_id = (entry.resource or {}).get("id")
+                if found:
+                    if body_id is not None and body_id != found[0]:
+                        raise InvalidResource("the body's id differs from the matched resource")
+                    item.target_id = found[0]
+                else:
+                    item.target_id = body_id or str(uuid.uuid4())
+            else:
+                item.target_id = entry.resource_id
+        else:  # DELETE
+            if entry.query is not None:
+                found, _ = self._search(entry.resource_type, entry.query, ())
+                if len(found) > 1:
+                    raise PreconditionFailed(
+                        f"conditional delete matched {len(found)} {entry.resource_type} resources"
+                    )
+                if not found:
+                    item.no_op_status = 204
+                    return
+                item.target_id = found[0]
+            else:
+                item.target_id = entry.resource_id
+
+    def _check_duplicate_targets(self, writes: Sequence[_Planned]) -> None:
+        seen: set[tuple[str | None, str | None]] = set()
+        for item in writes:
+            key = (item.entry.resource_type, item.target_id)
+            if key in seen:
+                raise at(
+                    InvalidResource(
+                        f"the transaction writes {key[0]}/{key[1]} twice",
+                        issues=[Issue("duplicate", f"{key[0]}/{key[1]} appears twice")],
+                    ),
+                    item.entry.path or "Bundle",
+                )
+            seen.add(key)
+
+    def _rewrite_references(self, planned: Sequence[_Planned], created: Sequence[_Planned]) -> None:
+        mapping: dict[str, str] = {}
+        bundle_targets: set[tuple[str, str]] = set()
+        deleted: set[tuple[str, str]] = set()
+        for item in planned:
+            entry = item.entry
+            if item.target_id is None or entry.resource_type is None:
+                continue
+            target = f"{entry.resource_type}/{item.target_id}"
+            if entry.method == "DELETE":
+                deleted.add((entry.resource_type, item.target_id))
+                continue
+            bundle_targets.add((entry.resource_type, item.target_id))
+            if entry.full_url:
+                mapping[entry.full_url] = target
+                if entry.method == "POST" and "/" in entry.full_url and not entry.full_url.startswith(
+                    "urn:"
+                ):
+                    # An absolute fullUrl's relative form names the entry too (R4 3.3.1).
+                    parts = entry.full_url.rstrip("/").split("/")
+                    if len(parts) >= 2 and parts[-2] == entry.resource_type:
+                        mapping[f"{parts[-2]}/{parts[-1]}"] = target
+
+        base = self.settings.base_url + "/"
+        missing: dict[tuple[str, str], list[str]] = {}
+        for item in planned:
+            entry = item.entry
+            if entry.method not in ("POST", "PUT") or entry.resource is None:
+                continue
+            if item.matched_existing:
+                continue
+            root = entry.resource["resourceType"]
+            for holder, key, path in _iter_reference_holders(entry.resource, root):
+                value = holder[key]
+                where = nest_expression(path, entry.path) if entry.path else path
+                if value in mapping:
+                    holder[key] = mapping[value]
+                    value = holder[key]
+                elif value.startswith("urn:uuid:") or value.startswith("urn:oid:"):
+                    if key == "url":
+                        continue
+                    raise DanglingReference(
+                        f"{where} names {value}, which is no entry of this bundle",
+                        issues=[Issue("not-found", f"unresolved {value}", where)],
+                    )
+                elif key == "reference" and "?" in value and not value.startswith("http"):
+                    holder[key] = value = self._resolve_conditional_reference(
+                        value, where, created
+                    )
+                if key != "reference" or value.startswith("#"):
+                    continue
+                local = value[len(base) :] if value.startswith(base) else value
+                parts = local.split("/")
+                if len(parts) in (2, 4) and "://" not in local:
+                    target_key = (parts[0], parts[1])
+                    if target_key in deleted:
+                        raise DanglingReference(
+                            f"{where} names {local}, which this bundle deletes",
+                            issues=[Issue("not-found", f"{local} is deleted here", where)],
+                        )
+                    if target_key not in bundle_targets:
+                        missing.setdefault(target_key, []).append(where)
+        if self.settings.enforce_referential_integrity and missing:
+            existing = repository.list_existing(self.session, list(missing))
+            dangling = [(key, paths) for key, paths in missing.items() if key not in existing]
+            if dangling:
+                issues = [
+                    Issue("not-found", f"{key[0]}/{key[1]} does not exist", path)
+                    for key, paths in dangling
+                    for path in paths
+                ]
+                raise DanglingReference(
+                    f"{issues[0].expression} names {dangling[0][0][0]}/{dangling[0][0][1]}, "
+                    "which does not exist",
+                    issues=issues[:100],
+                )
+
+    def _resolve_conditional_reference(
+        self, value: str, where: str, created: Sequence[_Planned]
+    ) -> str:
+        resource_type, _, query = value.partition("?")
+        try:
+            check_resource_type(resource_type)
+            found, _ = self._search(resource_type, query, created)
+        except WahaError as error:
+            raise at(error, where) from None
+        if len(found) != 1:
+            raise PreconditionFailed(
+                f"{where}: conditional reference {resource_type}?… matched {len(found)} resources",
+                issues=[Issue("not-found" if not found else "multiple-matches", "", where)],
+            )
+        return f"{resource_type}/{found[0]}"
+
+    def _apply_writes(self, writes: Sequence[_Planned]) -> dict[int, EntryResult]:
+        keys = [
+            (item.entry.resource_type, item.target_id)
+            for item in writes
+            if item.entry.method != "POST" and item.entry.resource_type and item.target_id
+        ]
+        current = repository.list_current_versions(self.session, keys)  # type: ignore[arg-type]
+        version_writes: list[repository.VersionWrite] = []
+        events: list[dict[str, Any]] = []
+        results: dict[int, EntryResult] = {}
+        for item in writes:
+            entry = item.entry
+            resource_type = entry.resource_type
+            target_id = item.target_id
+            assert resource_type is not None and target_id is not None  # noqa: S101
+            existing = current.get((resource_type, target_id))
+            self._guard(item, lambda e=entry, x=existing: self._check_preconditions(e, x))
+            if entry.method == "DELETE":
+                if existing is None:
+                    raise at(
+                        ResourceNotFound(f"{resource_type}/{target_id} does not exist"),
+                        entry.path,
+                    ) if entry.path else ResourceNotFound(
+                        f"{resource_type}/{target_id} does not exist"
+                    )
+                if existing[1]:
+                    results[item.position] = EntryResult(204, resource_type, target_id, existing[0])
+                    continue
+            version = existing[0] + 1 if existing else 1
+            resource: JSONObject | None = None
+            index: IndexValues | None = None
+            if entry.method != "DELETE":
+                resource = entry.resource
+                assert resource is not None  # noqa: S101
+                resource["id"] = target_id
+                meta = dict(resource.get("meta") or {})
+                meta["versionId"] = str(version)
+                meta["lastUpdated"] = format_instant(self.now)
+                resource["meta"] = meta
+                index = extract_index(resource)
+            action = "delete" if entry.method == "DELETE" else ("update" if existing else "create")
+            version_writes.append(
+                repository.VersionWrite(
+                    resource_type=resource_type,
+                    id=target_id,
+                    version_id=version,
+                    last_updated=self.now,
+                    method=entry.method,
+                    deleted=entry.method == "DELETE",
+                    author=self.context.author,
+                    resource=resource,
+                    index=index,
+                    replaces_existing=existing is not None,
+                )
+            )
+            events.append(
+                {"type": resource_type, "id": target_id, "version": version, "action": action}
+            )
+            results[item.position] = EntryResult(
+                status=204 if entry.method == "DELETE" else (200 if existing and not existing[1] else 201),
+                resource_type=resource_type,
+                resource_id=target_id,
+                version_id=version,
+                last_updated=self.now,
+                resource=resource,
+                created=existing is None or existing[1],
+            )
+        repository.write_versions(self.session, version_writes)
+        outbox.add_events(self.session, RESOURCE_CHANGED, events, request_id=self.context.request_id)
+        return results
+
+    def _check_preconditions(self, entry: EntryRequest, existing: tuple[int, bool] | None) -> None:
+        if entry.if_match is not None:
+            wanted = parse_version_etag(entry.if_match)
+            if existing is None or existing[1] or str(existing[0]) != wanted:
+                have = "absent" if existing is None else f"version {existing[0]}"
+                raise VersionConflict(f"If-Match wants version {wanted}; the resource is {have}")
+        if entry.if_none_match is not None and existing is not None and not existing[1]:
+            wanted = parse_version_etag(entry.if_none_match)
+            if wanted == "*" or wanted == str(existing[0]):
+                raise ResourceExists("If-None-Match: the resource exists")
+
+    def _matched_result(self, item: _Planned) -> EntryResult:
+        entry = item.entry
+        if item.no_op_status is not None:
+            return EntryResult(item.no_op_status, entry.resource_type)
+        assert entry.resource_type is not None and item.target_id is not None  # noqa: S101
+        row = repository.get_current(self.session, entry.resource_type, item.target_id)
+        assert row is not None  # noqa: S101 - it was just found under lock
+        return EntryResult(
+            200,
+            entry.resource_type,
+            item.target_id,
+            row.version_id,
+            row.last_updated,
+            row.resource,
+        )
+
+    def _read(self, item: _Planned) -> EntryResult:
+        from fhir_api import reads  # noqa: PLC0415 - reads imports this module's types
+
+        result = reads.read_entry(self.session, item.entry, base_url=self.settings.base_url)
+        result.is_read = True
+        return result

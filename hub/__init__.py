@@ -1,0 +1,1 @@
+"""Composition root of Waha: settings, database, app factory, Celery app and CLI."""

@@ -1,0 +1,153 @@
+"""The transactional outbox: events written with the change, delivered after commit.
+
+Domains add events in their own session; a Celery task drains pending rows to
+the handlers registered for each topic. A failing handler is retried with
+backoff and ends as a visible dead letter that `waha outbox replay` re-queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, event, insert, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from hub.db import Base, session_factory
+
+log = structlog.get_logger()
+
+PENDING = "pending"
+DONE = "done"
+DEAD = "dead"
+
+
+class OutboxEventRow(Base):
+    """One event waiting for (or done with) delivery to its handlers."""
+
+    __tablename__ = "outbox_event"
+    __table_args__ = (
+        Index(
+            "ix_outbox_event_pending",
+            "available_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    request_id: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+    available_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event as handlers see it."""
+
+    id: int
+    topic: str
+    payload: dict[str, Any]
+    request_id: str | None
+
+
+Handler = Callable[[Session, OutboxEvent], None]
+_handlers: dict[str, list[Handler]] = {}
+_notifier: Callable[[], None] | None = None
+_PENDING_FLAG = "waha_outbox_pending"
+
+
+def register_handler(topic: str, handler: Handler) -> None:
+    """Deliver events of `topic` to `handler` (idempotent handlers only)."""
+    if handler not in _handlers.setdefault(topic, []):
+        _handlers[topic].append(handler)
+
+
+def set_notifier(notifier: Callable[[], None] | None) -> None:
+    """Set what is called after a commit that wrote events (enqueues a drain)."""
+    global _notifier  # noqa: PLW0603 - set once by the composition root
+    _notifier = notifier
+
+
+def add_events(
+    session: Session,
+    topic: str,
+    payloads: Iterable[dict[str, Any]],
+    *,
+    request_id: str | None,
+) -> None:
+    """Write events in the caller's transaction; they exist only if it commits."""
+    rows = [{"topic": topic, "payload": p, "request_id": request_id} for p in payloads]
+    if rows:
+        session.execute(insert(OutboxEventRow), rows)
+        session.info[_PENDING_FLAG] = True
+
+
+@event.listens_for(session_factory, "after_commit")
+def _notify_after_commit(session: Session) -> None:
+    if session.info.pop(_PENDING_FLAG, False) and _notifier is not None:
+        try:
+            _notifier()
+        except Exception:  # noqa: BLE001 - the periodic drain delivers them anyway
+            log.warning("outbox.notify_failed")
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(2**attempts, 600))
+
+
+def drain(session: Session, *, batch_size: int, max_attempts: int) -> int:
+    """Deliver up to `batch_size` due events; return how many were handled."""
+    rows = (
+        session.execute(
+            select(OutboxEventRow)
+            .where(OutboxEventRow.status == PENDING, OutboxEventRow.available_at <= text("now()"))
+            .order_by(OutboxEventRow.id)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    for row in rows:
+        outbox_event = OutboxEvent(row.id, row.topic, row.payload, row.request_id)
+        try:
+            with session.begin_nested():
+                for handler in _handlers.get(row.topic, []):
+                    handler(session, outbox_event)
+        except Exception as error:  # noqa: BLE001 - a handler's failure is recorded, not raised
+            row.attempts += 1
+            row.last_error = f"{type(error).__name__}: {error}"[:2000]
+            if row.attempts >= max_attempts:
+                row.status = DEAD
+                log.error("outbox.dead_letter", event_id=row.id, topic=row.topic)
+            else:
+                row.available_at = datetime.now(tz=row.created_at.tzinfo) + _backoff(row.attempts)
+                log.warning("outbox.retry_later", event_id=row.id, attempts=row.attempts)
+        else:
+            row.status = DONE
+    session.flush()
+    return len(rows)
+
+
+def replay_dead(session: Session) -> int:
+    """Put dead-lettered events back in the queue; return how many."""
+    result = session.execute(
+        text(
+            "UPDATE outbox_event SET status = 'pending', attempts = 0, available_at = now() "
+            "WHERE status = 'dead'"
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult has rowcount

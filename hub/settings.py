@@ -1,0 +1,77 @@
+"""Typed settings for every Waha process, read once from `WAHA_*` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_PLACEHOLDER = "waha-dev"  # noqa: S105 - the documented dev default, refused in production
+
+
+class Settings(BaseSettings):
+    """Everything a Waha process needs to start; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="WAHA_", extra="ignore")
+
+    env: Literal["dev", "test", "production"] = "dev"
+    database_url: PostgresDsn = PostgresDsn("postgresql+psycopg://waha_app@127.0.0.1:5432/waha")
+    migration_database_url: PostgresDsn = PostgresDsn(
+        "postgresql+psycopg://waha@127.0.0.1:5432/waha"
+    )
+    database_pool_size: int = 10
+    redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "waha"
+    s3_secret_key: SecretStr = SecretStr(DEV_PLACEHOLDER)
+    s3_secure: bool = False
+
+    # Ingest limits (DESIGN.md "Ingest rules"); beyond them the API answers 413.
+    max_json_body_bytes: int = 32 * 1024 * 1024
+    max_bundle_entries: int = 5_000
+    max_binary_bytes: int = 25 * 1024 * 1024
+    enforce_referential_integrity: bool = True
+
+    # How long a duplicate bundle waits for its in-flight twin before answering 409.
+    idempotency_wait_seconds: float = 30.0
+    default_page_size: int = 20
+    max_page_size: int = 1_000
+
+    outbox_batch_size: int = 200
+    outbox_max_attempts: int = 8
+
+    log_json: bool = True
+    sql_echo: bool = False
+
+    @field_validator("database_url", "migration_database_url")
+    @classmethod
+    def _pin_psycopg_driver(cls, value: PostgresDsn) -> PostgresDsn:
+        if value.scheme != "postgresql+psycopg":
+            raise ValueError("database URLs must use the postgresql+psycopg:// driver")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_dev_defaults_in_production(self) -> Settings:
+        if self.env == "production":
+            if self.s3_secret_key.get_secret_value() == DEV_PLACEHOLDER:
+                raise ValueError("WAHA_S3_SECRET_KEY must be set in production")
+            if self.sql_echo:
+                raise ValueError("SQL echo logs patient data; it is refused in production")
+        return self
+
+    @property
+    def fhir_base_url(self) -> str:
+        """Return the absolute FHIR base URL clients see."""
+        return self.public_base_url.rstrip("/") + "/fhir"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Build the process's settings once."""
+    return Settings()
+
+

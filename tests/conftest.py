@@ -1,0 +1,151 @@
+"""Test fixtures: a migrated database per xdist worker, rolled-back tests, a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from alembic import command
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from hub import db
+from hub.app import create_app
+from hub.cli import alembic_config
+from hub.settings import Settings
+
+ADMIN_URL = os.environ.get(
+    "WAHA_TEST_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+OWNER_ROLE = "waha"
+APP_ROLE = "waha_app"
+DATA_TABLES = (
+    "fhir_resource",
+    "fhir_resource_version",
+    "fhir_search_string",
+    "fhir_search_date",
+    "fhir_search_quantity",
+    "fhir_search_uri",
+    "fhir_bundle_receipt",
+    "outbox_event",
+)
+
+
+def _database_name(worker_id: str) -> str:
+    return f"waha_test_{worker_id}"
+
+
+@pytest.fixture(scope="session")
+def settings(worker_id: str) -> Settings:
+    """Settings of the test run: the app role on this worker's own database."""
+    admin = make_url(ADMIN_URL)
+    name = _database_name(worker_id)
+    host, port = admin.host or "127.0.0.1", admin.port or 5432
+    return Settings(
+        env="test",
+        database_url=f"postgresql+psycopg://{APP_ROLE}@{host}:{port}/{name}",  # type: ignore[arg-type]
+        migration_database_url=f"postgresql+psycopg://{OWNER_ROLE}@{host}:{port}/{name}",  # type: ignore[arg-type]
+        log_json=True,
+        idempotency_wait_seconds=20,
+    )
+
+
+@pytest.fixture(scope="session")
+def db_engine(settings: Settings, worker_id: str) -> Iterator[Engine]:
+    """Create and migrate this worker's database with Alembic; drop it at the end."""
+    name = _database_name(worker_id)
+    admin_engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}" OWNER {OWNER_ROLE}'))
+    command.upgrade(alembic_config(str(settings.migration_database_url)), "head")
+    engine = db.make_engine(settings)
+    db.session_factory.configure(bind=engine)
+    yield engine
+    engine.dispose()
+    with admin_engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin_engine.dispose()
+
+
+@pytest.fixture
+def session(db_engine: Engine) -> Iterator[Session]:
+    """Run one test inside a transaction that is always rolled back."""
+    with db_engine.connect() as connection:
+        outer = connection.begin()
+        db.session_factory.configure(bind=connection, join_transaction_mode="create_savepoint")
+        try:
+            with Session(connection, join_transaction_mode="create_savepoint") as test_session:
+                yield test_session
+        finally:
+            db.session_factory.configure(bind=db_engine, join_transaction_mode="conservative_savepoint")
+            outer.rollback()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, db_engine: Engine) -> FastAPI:
+    """The application under test, sharing the test's database binding."""
+    application = create_app(settings)
+    db.session_factory.configure(bind=db_engine)
+    return application
+
+
+@pytest.fixture
+def client(app: FastAPI, session: Session) -> Iterator[TestClient]:
+    """An HTTP client whose requests join the test's rolled-back transaction."""
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_server(app: FastAPI) -> Iterator[str]:
+    """Serve the app on a free port over real connections (committing for real)."""
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    base = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield base
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def committed(db_engine: Engine, settings: Settings) -> Iterator[Engine]:
+    """For tests whose writes commit: empty every data table afterwards (as the owner)."""
+    yield db_engine
+    owner_engine = create_engine(str(settings.migration_database_url))
+    with owner_engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)}"))
+    owner_engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def worker_id(request: pytest.FixtureRequest) -> str:
+    """The xdist worker id, or 'main' without xdist."""
+    workerinput: dict[str, Any] | None = getattr(request.config, "workerinput", None)
+    return str(workerinput["workerid"]) if workerinput else "main"
