@@ -1,0 +1,64 @@
+"""Concurrent ingest over real connections: race-safe conditional create and replays."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.builders import unit_bundle
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+def _post_all(base: str, bundles: list[dict[str, object]]) -> list[httpx.Response]:
+    def post(bundle: dict[str, object]) -> httpx.Response:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            return http.post("/fhir", json=bundle, headers=FHIR_JSON)
+
+    with ThreadPoolExecutor(max_workers=len(bundles)) as pool:
+        return list(pool.map(post, bundles))
+
+
+def _patient_ids(responses: list[httpx.Response]) -> set[str]:
+    return {r.json()["entry"][0]["fullUrl"].rsplit("/", 1)[1] for r in responses}
+
+
+@pytest.mark.parametrize("observations", [10, 300])
+def test_twenty_concurrent_conditional_creates_make_one_patient(
+    live_server: str, committed: Engine, observations: int
+) -> None:
+    national_id = f"RACE-{uuid.uuid4().hex[:8]}"
+    bundles = [unit_bundle(national_id, observations=observations) for _ in range(20)]
+    responses = _post_all(live_server, bundles)
+    assert [r.status_code for r in responses] == [200] * 20, [r.text[:300] for r in responses]
+    assert len(_patient_ids(responses)) == 1
+    with committed.connect() as connection:
+        patients = connection.execute(
+            text("SELECT count(*) FROM fhir_resource WHERE resource_type = 'Patient'")
+        ).scalar_one()
+        encounters_pointing = connection.execute(
+            text(
+                "SELECT count(DISTINCT resource->'subject'->>'reference') FROM fhir_resource "
+                "WHERE resource_type = 'Encounter'"
+            )
+        ).scalar_one()
+    assert patients == 1
+    assert encounters_pointing == 1
+
+
+def test_in_flight_duplicates_wait_and_return_the_first_answer(
+    live_server: str, committed: Engine
+) -> None:
+    bundle = unit_bundle(f"DUP-{uuid.uuid4().hex[:8]}", observations=200)
+    responses = _post_all(live_server, [copy.deepcopy(bundle) for _ in range(8)])
+    assert [r.status_code for r in responses] == [200] * 8
+    bodies = [r.json() for r in responses]
+    assert all(body == bodies[0] for body in bodies)
+    with committed.connect() as connection:
+        versions = connection.execute(text("SELECT count(*) FROM fhir_resource_version")).scalar_one()
+    assert versions == 202
