@@ -16,11 +16,7 @@ def capability_statement(base_url: str, software_version: str) -> JSONObject:
     resources: list[JSONObject] = []
     for resource_type in sorted(supported_resource_types()):
         search_params = [
-            {
-                "name": code,
-                "type": info.type,
-                **({"definition": info.url} if getattr(info, "url", None) else {}),
-            }
+            {"name": code, "type": info.type}
             for code, info in sorted(search_parameters_for(resource_type).items())
             if info.type != "special"
         ]

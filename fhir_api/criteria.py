@@ -84,8 +84,10 @@ def parse_criteria(resource_type: str, query: str, *, base_url: str) -> list[Cri
         if info.type == "token" and modifier in ("", "of-type"):
             param = code if not modifier else f"{code}:of-type"
             criteria.append(Criterion("token", code, tuple(f"{param}={v}" for v in values)))
-        elif info.type == "reference" and modifier in ("", "identifier") or (
-            info.type == "reference" and modifier in info.targets
+        elif (
+            info.type == "reference"
+            and modifier in ("", "identifier")
+            or (info.type == "reference" and modifier in info.targets)
         ):
             criteria.append(_reference_criterion(code, modifier, values, info.targets, base_url))
         elif info.type == "string" and modifier in ("", "exact"):

@@ -132,7 +132,9 @@ def nest_expression(expression: str | None, prefix: str) -> str:
 def at(error: WahaError, prefix: str) -> WahaError:
     """Place every issue of `error` under `prefix` (e.g. Bundle.entry[3])."""
     error.issues = [
-        Issue(issue.code, issue.diagnostics, nest_expression(issue.expression, prefix), issue.severity)
+        Issue(
+            issue.code, issue.diagnostics, nest_expression(issue.expression, prefix), issue.severity
+        )
         for issue in error.issues
     ]
     return error

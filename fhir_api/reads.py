@@ -54,7 +54,9 @@ def read_resource(session: Session, *, resource_type: str, resource_id: str) -> 
         error = ResourceGone(f"{resource_type}/{resource_id} was deleted")
         error.headers["ETag"] = f'W/"{row.version_id}"'
         raise error
-    return EntryResult(200, resource_type, resource_id, row.version_id, row.last_updated, row.resource)
+    return EntryResult(
+        200, resource_type, resource_id, row.version_id, row.last_updated, row.resource
+    )
 
 
 def vread_resource(
@@ -70,7 +72,9 @@ def vread_resource(
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
     if row.deleted:
         raise ResourceGone(f"version {version_id} of {resource_type}/{resource_id} is a deletion")
-    return EntryResult(200, resource_type, resource_id, row.version_id, row.last_updated, row.resource)
+    return EntryResult(
+        200, resource_type, resource_id, row.version_id, row.last_updated, row.resource
+    )
 
 
 def history_bundle(

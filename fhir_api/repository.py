@@ -132,17 +132,20 @@ def list_ids_matching(
 
 def tokens_contain(keys: Sequence[str]) -> ColumnElement[bool]:
     """Condition: the token index holds every key."""
-    return ResourceRow.tokens.contains(list(keys))
+    condition: ColumnElement[bool] = ResourceRow.tokens.contains(list(keys))
+    return condition
 
 
 def tokens_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
     """Condition: the token index holds at least one key."""
-    return ResourceRow.tokens.overlap(list(keys))
+    condition: ColumnElement[bool] = ResourceRow.tokens.overlap(list(keys))
+    return condition
 
 
 def refs_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
     """Condition: the reference index holds at least one key."""
-    return ResourceRow.refs.overlap(list(keys))
+    condition: ColumnElement[bool] = ResourceRow.refs.overlap(list(keys))
+    return condition
 
 
 def id_in(ids: Sequence[str]) -> ColumnElement[bool]:
@@ -152,7 +155,9 @@ def id_in(ids: Sequence[str]) -> ColumnElement[bool]:
 
 def string_starts_with(resource_type: str, param: str, prefixes: Sequence[str]) -> Any:
     """Condition: some normalized string value of `param` starts with a prefix."""
-    matches = or_(*(SearchStringRow.value_normalized.startswith(p, autoescape=True) for p in prefixes))
+    matches = or_(
+        *(SearchStringRow.value_normalized.startswith(p, autoescape=True) for p in prefixes)
+    )
     return ResourceRow.id.in_(
         select(SearchStringRow.resource_id).where(
             SearchStringRow.resource_type == resource_type, SearchStringRow.param == param, matches
@@ -375,9 +380,7 @@ def list_compartment(
             func.split_part(literal_column("ref_target"), "/", 2).label("rid"),
         )
         .select_from(
-            select(
-                func.split_part(func.unnest(ResourceRow.refs), "=", 2).label("ref_target")
-            )
+            select(func.split_part(func.unnest(ResourceRow.refs), "=", 2).label("ref_target"))
             .where(ResourceRow.deleted.is_(False), ResourceRow.patient_ids.contains([patient_id]))
             .subquery()
         )

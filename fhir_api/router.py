@@ -107,7 +107,7 @@ def _write_response(result: EntryResult, prefer: str | None, base_url: str) -> R
         return Response(status_code=result.status, headers=headers)
     if wanted == "OperationOutcome":
         message = f"{result.resource_type}/{result.resource_id} version {result.version_id}"
-        return fhir_response(service.outcome_for(result.status, message), result.status, headers)
+        return fhir_response(service.outcome_for(message), result.status, headers)
     return fhir_response(result.resource, result.status, headers)
 
 
@@ -418,5 +418,3 @@ def patient_everything(
         self_link=_self_link(request, settings),
     )
     return fhir_response(bundle)
-
-

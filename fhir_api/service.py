@@ -23,7 +23,7 @@ from fhir_api.errors import (
     UnparsableBody,
     at,
 )
-from fhir_api.validation import JSONObject
+from fhir_api.validation import JSONObject, r4_resource_types
 from fhir_api.writes import (
     EntryRequest,
     EntryResult,
@@ -72,7 +72,7 @@ def parse_interaction_url(url: str, *, base_url: str) -> ParsedUrl:
     if url.startswith(base_url + "/"):
         url = url[len(base_url) + 1 :]
     elif "://" in url:
-        raise UnparsableBody(f"{url} is not on this server")
+        url = _relative_to_type(url)
     split = urlsplit(url)
     parts = [p for p in split.path.split("/") if p]
     query = split.query if "?" in url else None
@@ -89,6 +89,19 @@ def parse_interaction_url(url: str, *, base_url: str) -> ParsedUrl:
     elif len(parts) > 2:
         raise UnparsableBody(f"{url} is not an interaction URL Waha understands")
     return ParsedUrl(resource_type, resource_id, version_id, query, operation)
+
+
+def _relative_to_type(url: str) -> str:
+    # Published examples (HL7's own) put absolute URLs in request.url; what
+    # matters is the part from the resource type on.
+    split = urlsplit(url)
+    segments = split.path.split("/")
+    known = r4_resource_types()
+    for position in range(len(segments) - 1, -1, -1):
+        if segments[position] in known:
+            relative = "/".join(segments[position:])
+            return f"{relative}?{split.query}" if split.query else relative
+    raise UnparsableBody(f"{url} names no resource type")
 
 
 def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
@@ -130,9 +143,7 @@ def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
     )
 
 
-def _response_entry(
-    result: EntryResult, *, base_url: str, representation: bool
-) -> JSONObject:
+def _response_entry(result: EntryResult, *, base_url: str, representation: bool) -> JSONObject:
     response: JSONObject = {"status": REASON_PHRASES.get(result.status, str(result.status))}
     entry: JSONObject = {}
     if result.resource_type and result.resource_id:
@@ -269,6 +280,6 @@ def run_interaction(
     return TransactionEngine(session, context=context, settings=settings).run([request])[0]
 
 
-def outcome_for(status: int, message: str) -> JSONObject:
+def outcome_for(message: str) -> JSONObject:
     """Return an informational OperationOutcome (Prefer: return=OperationOutcome)."""
     return operation_outcome([Issue("informational", message, severity="information")])

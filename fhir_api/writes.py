@@ -309,8 +309,10 @@ class TransactionEngine:
             bundle_targets.add((entry.resource_type, item.target_id))
             if entry.full_url:
                 mapping[entry.full_url] = target
-                if entry.method == "POST" and "/" in entry.full_url and not entry.full_url.startswith(
-                    "urn:"
+                if (
+                    entry.method == "POST"
+                    and "/" in entry.full_url
+                    and not entry.full_url.startswith("urn:")
                 ):
                     # An absolute fullUrl's relative form names the entry too (R4 3.3.1).
                     parts = entry.full_url.rstrip("/").split("/")
@@ -340,9 +342,7 @@ class TransactionEngine:
                         issues=[Issue("not-found", f"unresolved {value}", where)],
                     )
                 elif key == "reference" and "?" in value and not value.startswith("http"):
-                    holder[key] = value = self._resolve_conditional_reference(
-                        value, where, created
-                    )
+                    holder[key] = value = self._resolve_conditional_reference(value, where, created)
                 if key != "reference" or value.startswith("#"):
                     continue
                 local = value[len(base) :] if value.startswith(base) else value
@@ -388,12 +388,14 @@ class TransactionEngine:
         return f"{resource_type}/{found[0]}"
 
     def _apply_writes(self, writes: Sequence[_Planned]) -> dict[int, EntryResult]:
-        keys = [
+        keys: list[tuple[str, str]] = [
             (item.entry.resource_type, item.target_id)
             for item in writes
-            if item.entry.method != "POST" and item.entry.resource_type and item.target_id
+            if item.entry.method != "POST"
+            and item.entry.resource_type is not None
+            and item.target_id is not None
         ]
-        current = repository.list_current_versions(self.session, keys)  # type: ignore[arg-type]
+        current = repository.list_current_versions(self.session, keys)
         version_writes: list[repository.VersionWrite] = []
         events: list[dict[str, Any]] = []
         results: dict[int, EntryResult] = {}
@@ -406,11 +408,13 @@ class TransactionEngine:
             self._guard(item, lambda e=entry, x=existing: self._check_preconditions(e, x))
             if entry.method == "DELETE":
                 if existing is None:
-                    raise at(
-                        ResourceNotFound(f"{resource_type}/{target_id} does not exist"),
-                        entry.path,
-                    ) if entry.path else ResourceNotFound(
-                        f"{resource_type}/{target_id} does not exist"
+                    raise (
+                        at(
+                            ResourceNotFound(f"{resource_type}/{target_id} does not exist"),
+                            entry.path,
+                        )
+                        if entry.path
+                        else ResourceNotFound(f"{resource_type}/{target_id} does not exist")
                     )
                 if existing[1]:
                     results[item.position] = EntryResult(204, resource_type, target_id, existing[0])
@@ -446,7 +450,9 @@ class TransactionEngine:
                 {"type": resource_type, "id": target_id, "version": version, "action": action}
             )
             results[item.position] = EntryResult(
-                status=204 if entry.method == "DELETE" else (200 if existing and not existing[1] else 201),
+                status=204
+                if entry.method == "DELETE"
+                else (200 if existing and not existing[1] else 201),
                 resource_type=resource_type,
                 resource_id=target_id,
                 version_id=version,
@@ -455,7 +461,9 @@ class TransactionEngine:
                 created=existing is None or existing[1],
             )
         repository.write_versions(self.session, version_writes)
-        outbox.add_events(self.session, RESOURCE_CHANGED, events, request_id=self.context.request_id)
+        outbox.add_events(
+            self.session, RESOURCE_CHANGED, events, request_id=self.context.request_id
+        )
         return results
 
     def _check_preconditions(self, entry: EntryRequest, existing: tuple[int, bool] | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
+from pydantic import PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PLACEHOLDER = "waha-dev"  # noqa: S105 - the documented dev default, refused in production
@@ -73,5 +73,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Build the process's settings once."""
     return Settings()
-
-

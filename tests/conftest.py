@@ -53,8 +53,8 @@ def settings(worker_id: str) -> Settings:
     host, port = admin.host or "127.0.0.1", admin.port or 5432
     return Settings(
         env="test",
-        database_url=f"postgresql+psycopg://{APP_ROLE}@{host}:{port}/{name}",  # type: ignore[arg-type]
-        migration_database_url=f"postgresql+psycopg://{OWNER_ROLE}@{host}:{port}/{name}",  # type: ignore[arg-type]
+        database_url=f"postgresql+psycopg://{APP_ROLE}@{host}:{port}/{name}",
+        migration_database_url=f"postgresql+psycopg://{OWNER_ROLE}@{host}:{port}/{name}",
         log_json=True,
         idempotency_wait_seconds=20,
     )
@@ -88,7 +88,9 @@ def session(db_engine: Engine) -> Iterator[Session]:
             with Session(connection, join_transaction_mode="create_savepoint") as test_session:
                 yield test_session
         finally:
-            db.session_factory.configure(bind=db_engine, join_transaction_mode="conservative_savepoint")
+            db.session_factory.configure(
+                bind=db_engine, join_transaction_mode="conservative_savepoint"
+            )
             outer.rollback()
 
 

@@ -563,39 +563,47 @@ def _emit_composite(
     components: tuple[_CompiledComponent, ...],
     out: IndexValues,
 ) -> None:
-    key_lists: list[list[str]] = []
-    typed: list[tuple[_CompiledComponent, list[tuple[Emitter, list[Any]]]]] = []
+    # Read every component first: most composites do not apply to a given
+    # item (code-value-string on a Quantity value), so bail out before encoding.
+    found: list[list[tuple[KeyForms | Emitter, list[Any]]]] = []
     for component in components:
         focus = resource if component.rooted else item
+        values_found = [
+            (handler, values) for get, handler in component.getters if (values := get(focus))
+        ]
+        if not values_found:
+            return
+        found.append(values_found)
+    key_lists: list[list[str]] = []
+    typed: list[tuple[str, IndexValues]] = []
+    for component, component_values in zip(components, found, strict=True):
         if component.keyed:
             forms: list[str] = []
-            for get, handler in component.getters:
-                values = get(focus)
-                if values:
-                    forms.extend(handler(values))  # type: ignore[call-arg,arg-type]  # KeyForms here
+            for handler, values in component_values:
+                forms.extend(handler(values))  # type: ignore[call-arg,arg-type]  # KeyForms here
             if not forms:
                 return
             key_lists.append(forms)
         else:
-            found: list[tuple[Emitter, list[Any]]] = []
-            for get, handler in component.getters:
-                values = get(focus)
-                if values:
-                    found.append((handler, values))  # type: ignore[arg-type]  # Emitter here
-            if not found:
+            # Encode the typed part once, then copy its rows under each key prefix.
+            rows = IndexValues()
+            for handler, values in component_values:
+                handler("", values, rows)  # type: ignore[call-arg,arg-type]  # Emitter here
+            if not (rows.quantities or rows.dates or rows.strings):
                 return
-            typed.append((component, found))
+            typed.append((component.code, rows))
     for prefix in itertools.product(*key_lists):
         if not typed:
             out.tokens.append(composite_key(param, *prefix))
             continue
-        for component, found in typed:
+        for code, rows in typed:
             # Several typed parts (the MolecularSequence coordinates) are each
             # indexed under their own component code after the keys.
-            suffix = (component.code,) if len(typed) > 1 else ()
+            suffix = (code,) if len(typed) > 1 else ()
             name = composite_param(param, *prefix, *suffix)
-            for handler, values in found:
-                handler(name, values, out)
+            out.quantities.extend((name, *row[1:]) for row in rows.quantities)
+            out.dates.extend((name, *row[1:]) for row in rows.dates)
+            out.strings.extend((name, *row[1:]) for row in rows.strings)
 
 
 # --- tables ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -120,7 +121,7 @@ def test_unresolved_urn_is_422(client: TestClient) -> None:
 
 def test_conditional_reference_is_resolved(client: TestClient) -> None:
     created = client.post("/fhir/Patient", json=patient("CR1"), headers=FHIR_JSON).json()
-    bundle = {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
@@ -130,7 +131,9 @@ def test_conditional_reference_is_resolved(client: TestClient) -> None:
             }
         ],
     }
-    response = client.post("/fhir", json=bundle, headers={**FHIR_JSON, "Prefer": "return=representation"})
+    response = client.post(
+        "/fhir", json=bundle, headers={**FHIR_JSON, "Prefer": "return=representation"}
+    )
     assert response.status_code == 200
     stored = response.json()["entry"][0]["resource"]
     assert stored["subject"]["reference"] == f"Patient/{created['id']}"
@@ -213,7 +216,11 @@ def test_bundle_shape_errors(client: TestClient) -> None:
     assert client.post("/fhir", json=patient(), headers=FHIR_JSON).status_code == 400
     collection = {"resourceType": "Bundle", "type": "collection", "entry": []}
     assert client.post("/fhir", json=collection, headers=FHIR_JSON).status_code == 400
-    no_request = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient()}]}
+    no_request = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": patient()}],
+    }
     response = client.post("/fhir", json=no_request, headers=FHIR_JSON)
     assert response.status_code == 400
     assert response.json()["issue"][0]["expression"] == ["Bundle.entry[0]"]

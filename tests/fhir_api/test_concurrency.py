@@ -60,5 +60,7 @@ def test_in_flight_duplicates_wait_and_return_the_first_answer(
     bodies = [r.json() for r in responses]
     assert all(body == bodies[0] for body in bodies)
     with committed.connect() as connection:
-        versions = connection.execute(text("SELECT count(*) FROM fhir_resource_version")).scalar_one()
+        versions = connection.execute(
+            text("SELECT count(*) FROM fhir_resource_version")
+        ).scalar_one()
     assert versions == 202
