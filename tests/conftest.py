@@ -88,9 +88,8 @@ def session(db_engine: Engine) -> Iterator[Session]:
             with Session(connection, join_transaction_mode="create_savepoint") as test_session:
                 yield test_session
         finally:
-            db.session_factory.configure(
-                bind=db_engine, join_transaction_mode="conservative_savepoint"
-            )
+            db.session_factory.kw.pop("join_transaction_mode", None)
+            db.session_factory.configure(bind=db_engine)
             outer.rollback()
 
 
