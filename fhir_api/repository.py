@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Row,
@@ -34,6 +35,7 @@ from fhir_api.models import (
     SearchUriRow,
 )
 from fhir_api.search_index import IndexValues
+from hub.db import copy_rows
 
 SIDE_TABLES = (SearchStringRow, SearchDateRow, SearchQuantityRow, SearchUriRow)
 
@@ -187,16 +189,72 @@ def uri_equals(resource_type: str, param: str, values: Sequence[str]) -> Any:
     )
 
 
+_RESOURCE_COLUMNS = (
+    "resource_type",
+    "id",
+    "version_id",
+    "last_updated",
+    "deleted",
+    "compartment_key",
+    "patient_ids",
+    "tokens",
+    "refs",
+    "author",
+    "resource",
+)
+_RESOURCE_TYPES = (
+    "text",
+    "text",
+    "int4",
+    "timestamptz",
+    "bool",
+    "text",
+    "text[]",
+    "text[]",
+    "text[]",
+    "text",
+    "jsonb",
+)
+_VERSION_COLUMNS = (
+    "resource_type",
+    "id",
+    "version_id",
+    "last_updated",
+    "method",
+    "deleted",
+    "compartment_key",
+    "author",
+    "resource",
+)
+_VERSION_TYPES = ("text", "text", "int4", "timestamptz", "text", "bool", "text", "text", "jsonb")
+_OWNER = ("resource_type", "resource_id", "compartment_key", "param")
+_OWNER_TYPES = ("text", "text", "text", "text")
+_SIDE_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fhir_search_string": (
+        (*_OWNER, "value_normalized", "value_exact"),
+        (*_OWNER_TYPES, "text", "text"),
+    ),
+    "fhir_search_date": ((*_OWNER, "low", "high"), (*_OWNER_TYPES, "timestamptz", "timestamptz")),
+    "fhir_search_quantity": (
+        (*_OWNER, "value", "low", "high", "system", "code"),
+        (*_OWNER_TYPES, "numeric", "numeric", "numeric", "text", "text"),
+    ),
+    "fhir_search_uri": ((*_OWNER, "uri"), (*_OWNER_TYPES, "text")),
+}
+
+
 def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
-    """Write current rows, history rows and index rows of many versions at once."""
+    """Write current rows, history rows and index rows of many versions at once.
+
+    New rows stream in with COPY; only current rows that replace an existing
+    version need an upsert.
+    """
     if not writes:
         return
-    current_rows: list[dict[str, Any]] = []
-    history_rows: list[dict[str, Any]] = []
-    strings: list[dict[str, Any]] = []
-    dates: list[dict[str, Any]] = []
-    quantities: list[dict[str, Any]] = []
-    uris: list[dict[str, Any]] = []
+    new_current: list[tuple[Any, ...]] = []
+    replaced_current: list[dict[str, Any]] = []
+    history: list[tuple[Any, ...]] = []
+    side_rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _SIDE_TABLES}
     replaced: list[tuple[str, str]] = []
     for write in writes:
         index = write.index
@@ -204,102 +262,76 @@ def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
         compartment_key = patient_ids[0] if patient_ids else None
         if write.resource_type == "Patient":
             compartment_key = write.id
-        current_rows.append(
-            {
-                "resource_type": write.resource_type,
-                "id": write.id,
-                "version_id": write.version_id,
-                "last_updated": write.last_updated,
-                "deleted": write.deleted,
-                "compartment_key": compartment_key,
-                "patient_ids": patient_ids,
-                "tokens": index.tokens if index else [],
-                "refs": index.references if index else [],
-                "author": write.author,
-                "resource": write.resource,
-            }
-        )
-        history_rows.append(
-            {
-                "resource_type": write.resource_type,
-                "id": write.id,
-                "version_id": write.version_id,
-                "last_updated": write.last_updated,
-                "method": write.method,
-                "deleted": write.deleted,
-                "compartment_key": compartment_key,
-                "author": write.author,
-                "resource": write.resource,
-            }
+        document = Jsonb(write.resource) if write.resource is not None else None
+        current = (
+            write.resource_type,
+            write.id,
+            write.version_id,
+            write.last_updated,
+            write.deleted,
+            compartment_key,
+            patient_ids,
+            index.tokens if index else [],
+            index.references if index else [],
+            write.author,
+            document,
         )
         if write.replaces_existing:
             replaced.append((write.resource_type, write.id))
+            # SQLAlchemy serializes JSONB itself: give it the document, not the COPY wrapper.
+            row = dict(zip(_RESOURCE_COLUMNS, current, strict=True))
+            row["resource"] = write.resource
+            replaced_current.append(row)
+        else:
+            new_current.append(current)
+        history.append(
+            (
+                write.resource_type,
+                write.id,
+                write.version_id,
+                write.last_updated,
+                write.method,
+                write.deleted,
+                compartment_key,
+                write.author,
+                document,
+            )
+        )
         if index is None:
             continue
-        owner = {
-            "resource_type": write.resource_type,
-            "resource_id": write.id,
-            "compartment_key": compartment_key,
-        }
+        owner = (write.resource_type, write.id, compartment_key)
         seen_strings: set[tuple[str, str]] = set()
         for param, normalized, exact in index.strings:
             if (param, normalized) not in seen_strings:
                 seen_strings.add((param, normalized))
-                strings.append(
-                    {**owner, "param": param, "value_normalized": normalized, "value_exact": exact}
-                )
+                side_rows["fhir_search_string"].append((*owner, param, normalized, exact))
         for param, low, high in index.dates:
-            dates.append({**owner, "param": param, "low": low, "high": high})
+            side_rows["fhir_search_date"].append((*owner, param, low, high))
         for param, value, low_q, high_q, system, code in index.quantities:
-            quantities.append(
-                {
-                    **owner,
-                    "param": param,
-                    "value": value,
-                    "low": low_q,
-                    "high": high_q,
-                    "system": system,
-                    "code": code,
-                }
+            side_rows["fhir_search_quantity"].append(
+                (*owner, param, value, low_q, high_q, system, code)
             )
         for param, uri in dict.fromkeys(index.uris):
-            uris.append({**owner, "param": param, "uri": uri})
+            side_rows["fhir_search_uri"].append((*owner, param, uri))
 
     if replaced:
         for table in SIDE_TABLES:
             session.execute(
                 delete(table).where(tuple_(table.resource_type, table.resource_id).in_(replaced))
             )
-    upsert = pg_insert(ResourceRow)
-    session.execute(
-        upsert.on_conflict_do_update(
-            index_elements=[ResourceRow.resource_type, ResourceRow.id],
-            set_={
-                column: getattr(upsert.excluded, column)
-                for column in (
-                    "version_id",
-                    "last_updated",
-                    "deleted",
-                    "compartment_key",
-                    "patient_ids",
-                    "tokens",
-                    "refs",
-                    "author",
-                    "resource",
-                )
-            },
-        ),
-        current_rows,
-    )
-    session.execute(insert(ResourceVersionRow), history_rows)
-    for table, rows in (
-        (SearchStringRow, strings),
-        (SearchDateRow, dates),
-        (SearchQuantityRow, quantities),
-        (SearchUriRow, uris),
-    ):
-        if rows:
-            session.execute(insert(table), rows)
+        upsert = pg_insert(ResourceRow)
+        session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[ResourceRow.resource_type, ResourceRow.id],
+                set_={column: getattr(upsert.excluded, column) for column in _RESOURCE_COLUMNS[2:]},
+            ),
+            replaced_current,
+        )
+    copy_rows(session, "fhir_resource", _RESOURCE_COLUMNS, _RESOURCE_TYPES, new_current)
+    copy_rows(session, "fhir_resource_version", _VERSION_COLUMNS, _VERSION_TYPES, history)
+    for name, (columns, types) in _SIDE_TABLES.items():
+        if side_rows[name]:
+            copy_rows(session, name, columns, types, side_rows[name])
 
 
 def list_history(

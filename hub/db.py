@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
+import psycopg
 from fastapi import Depends
+from psycopg.types.json import set_json_dumps
 from sqlalchemy import Engine, MetaData, create_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -19,6 +22,10 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# orjson is ~10x faster than the standard json module on FHIR-sized documents.
+set_json_dumps(orjson.dumps)
 
 
 class Base(DeclarativeBase):
@@ -65,3 +72,24 @@ def session_scope() -> Iterator[Session]:
     """Run one unit of work outside a request; commit on success."""
     with session_factory() as session, session.begin():
         yield session
+
+
+def copy_rows(
+    session: Session,
+    table: str,
+    columns: Sequence[str],
+    types: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+) -> None:
+    """Stream rows into `table` with binary COPY inside the session's transaction.
+
+    One COPY costs about as much as one statement however many rows it carries,
+    where an executemany pays a statement per row.
+    """
+    driver_connection = session.connection().connection.driver_connection
+    assert isinstance(driver_connection, psycopg.Connection)  # noqa: S101 - psycopg is pinned
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(list(types))
+        for row in rows:
+            copy.write_row(row)

@@ -13,11 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, event, insert, select, text
+from psycopg.types.json import Jsonb
+from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, event, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from hub.db import Base, session_factory
+from hub.db import Base, copy_rows, session_factory
 
 log = structlog.get_logger()
 
@@ -89,9 +90,15 @@ def add_events(
     request_id: str | None,
 ) -> None:
     """Write events in the caller's transaction; they exist only if it commits."""
-    rows = [{"topic": topic, "payload": p, "request_id": request_id} for p in payloads]
+    rows = [(topic, Jsonb(payload), request_id) for payload in payloads]
     if rows:
-        session.execute(insert(OutboxEventRow), rows)
+        copy_rows(
+            session,
+            "outbox_event",
+            ("topic", "payload", "request_id"),
+            ("text", "jsonb", "text"),
+            rows,
+        )
         session.info[_PENDING_FLAG] = True
 
 

@@ -66,6 +66,9 @@ class Branch:
     get: Getter
     keys: tuple[str, ...] | None = None
     rooted: bool = False
+    # The focus key every value is read under (None: unknown or the focus itself),
+    # so extraction can skip branches whose first element is absent.
+    first_key: str | None = None
 
 
 def _identity(node: Any) -> list[Any]:
@@ -123,9 +126,11 @@ def _member(branch: Branch, element: ElementType) -> Branch:
     """Return the branch reading one element of what `branch` yields."""
     if branch.keys is not None:
         keys = (*branch.keys, element.key)
-        return Branch(element.type_name, element.model, path_getter(keys), keys, branch.rooted)
+        first = branch.first_key or keys[0]
+        getter = path_getter(keys)
+        return Branch(element.type_name, element.model, getter, keys, branch.rooted, first)
     getter = _then(branch.get, path_getter((element.key,)))
-    return Branch(element.type_name, element.model, getter, None, branch.rooted)
+    return Branch(element.type_name, element.model, getter, None, branch.rooted, branch.first_key)
 
 
 def _filtered(branch: Branch, predicate: Predicate) -> Branch:
@@ -135,7 +140,7 @@ def _filtered(branch: Branch, predicate: Predicate) -> Branch:
     def get(node: Any) -> list[Any]:
         return [item for item in inner(node) if predicate(item) is True]
 
-    return Branch(branch.type_name, branch.model, get, None, branch.rooted)
+    return Branch(branch.type_name, branch.model, get, None, branch.rooted, branch.first_key)
 
 
 def _focus(scope: Scope) -> Branch:
@@ -193,7 +198,8 @@ def _call(node: Call, scope: Scope) -> list[Branch]:
     bases = [_focus(scope)] if node.base is None else compile_node(node.base, scope)
     if node.name in ("as", "ofType"):
         (type_literal,) = node.args
-        assert isinstance(type_literal, Literal) and isinstance(type_literal.value, str)  # noqa: S101 - the parser guarantees it
+        if not isinstance(type_literal, Literal) or not isinstance(type_literal.value, str):
+            raise CompileError(f"{node.name}() takes a type name")
         return _as_type(bases, type_literal.value)
     if node.name == "where":
         (condition,) = node.args
@@ -232,7 +238,7 @@ def _indexed(base: Branch, position: int) -> Branch:
         items = inner(node)
         return items[position : position + 1]
 
-    return Branch(base.type_name, base.model, get, None, base.rooted)
+    return Branch(base.type_name, base.model, get, None, base.rooted, base.first_key)
 
 
 def _boolean_branch(predicate: Predicate) -> Branch:
@@ -290,6 +296,9 @@ def compile_boolean(node: Node, scope: Scope) -> Predicate:
         bases = [_focus(scope)] if node.base is None else compile_node(node.base, scope)
         return lambda item: any(base.get(item) for base in bases)
     if isinstance(node, Binary) and node.operator in ("=", "!="):
+        fast = _simple_comparison(node, scope)
+        if fast is not None:
+            return fast
         left = _operand(node.left, scope)
         right = _operand(node.right, scope)
         negate = node.operator == "!="
@@ -304,6 +313,31 @@ def compile_boolean(node: Node, scope: Scope) -> Predicate:
         second = compile_boolean(node.right, scope)
         return _and(first, second) if node.operator == "and" else _or(first, second)
     raise CompileError(f"unsupported condition {node!r}")
+
+
+def _simple_comparison(node: Binary, scope: Scope) -> Predicate | None:
+    """Compile `element = 'text'` on a single primitive element into one dict lookup."""
+    if not isinstance(node.right, Literal) or not isinstance(node.right.value, str):
+        return None
+    if not isinstance(node.left, Member) or node.left.base is not None:
+        return None
+    branches = compile_node(node.left, scope)
+    if len(branches) != 1:
+        return None
+    (branch,) = branches
+    if branch.keys is None or len(branch.keys) != 1:
+        return None
+    if branch.type_name not in _STRING_TYPES:
+        return None
+    key, literal, negate = branch.keys[0], node.right.value, node.operator == "!="
+
+    def compare(item: Any) -> bool | None:
+        value = item.get(key) if isinstance(item, dict) else None
+        if not isinstance(value, str):
+            return None
+        return (value == literal) is not negate
+
+    return compare
 
 
 def _and(first: Predicate, second: Predicate) -> Predicate:

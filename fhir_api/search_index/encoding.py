@@ -169,8 +169,6 @@ def date_range(value: str) -> tuple[datetime, datetime] | None:
         return None
 
 
-
-
 def _date_only_range(match: re.Match[str]) -> tuple[datetime, datetime] | None:
     """Return the range of a year, year-month or full date (UTC days)."""
     try:

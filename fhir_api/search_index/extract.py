@@ -8,13 +8,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 from fhir_api.search_index.compiler import (
     Branch,
     CompileError,
     Scope,
-    UnknownElement,
     compile_expression,
 )
 from fhir_api.search_index.definitions import (
@@ -112,6 +112,7 @@ class IndexValues:
 
 
 Emitter = Callable[[str, list[Any], IndexValues], None]
+Step = tuple[str, Callable[[Any], list[Any]], Emitter]
 KeyForms = Callable[[list[Any]], list[str]]
 
 
@@ -292,23 +293,28 @@ def _money(param: str, values: list[Any], out: IndexValues) -> None:
                 out.quantities.append(row)
 
 
+def _range_bound(quantity: Any) -> tuple[Decimal, dict[str, Any]] | None:
+    if isinstance(quantity, dict):
+        value = to_decimal(quantity.get("value"))
+        if value is not None:
+            return value, quantity
+    return None
+
+
 def _range(param: str, values: list[Any], out: IndexValues, coded: bool) -> None:
     for range_value in values:
         if not isinstance(range_value, dict):
             continue
-        low_quantity, high_quantity = range_value.get("low"), range_value.get("high")
-        low = to_decimal(low_quantity.get("value")) if isinstance(low_quantity, dict) else None
-        high = to_decimal(high_quantity.get("value")) if isinstance(high_quantity, dict) else None
-        if low is None and high is None:
+        low = _range_bound(range_value.get("low"))
+        high = _range_bound(range_value.get("high"))
+        first = low or high
+        if first is None:
             continue
-        unit_source = low_quantity if low is not None else high_quantity
-        assert isinstance(unit_source, dict)  # noqa: S101 - one bound was read from it
+        value, unit_source = first
         system, code = _quantity_code(unit_source) if coded else (None, None)
-        value = low if low is not None else high
-        assert value is not None  # noqa: S101 - checked above
         # An open side of a Range is unbounded (PostgreSQL numeric has ±Infinity).
-        bottom = decimal_range(low)[0] if low is not None else DECIMAL_MIN
-        top = decimal_range(high)[1] if high is not None else DECIMAL_MAX
+        bottom = decimal_range(low[0])[0] if low is not None else DECIMAL_MIN
+        top = decimal_range(high[0])[1] if high is not None else DECIMAL_MAX
         out.quantities.append((param, value, bottom, top, system, code))
 
 
@@ -490,7 +496,7 @@ KEY_FORMS: Mapping[str, Mapping[str, KeyForms]] = {
         **dict.fromkeys(_TOKEN_STRINGS, _primitive_forms),
     },
     "reference": {"Reference": _reference_forms, **dict.fromkeys(_URIS, _reference_forms)},
-    "uri": {name: _reference_forms for name in _URIS},
+    "uri": dict.fromkeys(_URIS, _reference_forms),
 }
 KEY_FORMS = {
     param_type: {**dict.fromkeys(IGNORED_KEY_FORMS.get(param_type, ()), _no_forms), **table}
@@ -502,8 +508,10 @@ KEY_FORMS = {
 class _CompiledComponent:
     code: str
     rooted: bool
-    getters: tuple[tuple[Callable[[Any], list[Any]], KeyForms | Emitter], ...]
     keyed: bool
+    # Exactly one of the two is filled, depending on `keyed`.
+    key_getters: tuple[tuple[Callable[[Any], list[Any]], KeyForms], ...]
+    typed_getters: tuple[tuple[Callable[[Any], list[Any]], Emitter], ...]
 
 
 def _compile_component(
@@ -518,21 +526,28 @@ def _compile_component(
     scope = Scope(base.type_name, base.model, resource_type, False)
     branches = compile_expression(expression, resource_type, scope)
     keyed = component.type in KEY_FORMS
-    table: Mapping[str, KeyForms | Emitter] = (
-        KEY_FORMS[component.type] if keyed else EMITTERS[component.type]
-    )
-    getters: list[tuple[Callable[[Any], list[Any]], KeyForms | Emitter]] = []
+    key_getters: list[tuple[Callable[[Any], list[Any]], KeyForms]] = []
+    typed_getters: list[tuple[Callable[[Any], list[Any]], Emitter]] = []
     for branch in branches:
-        handler = table.get(branch.type_name)
-        if handler is None:
-            raise CompileError(f"no {component.type} component encoding for {branch.type_name}")
-        getters.append((branch.get, handler))
+        if keyed:
+            to_forms = KEY_FORMS[component.type].get(branch.type_name)
+            if to_forms is None:
+                raise CompileError(f"no {component.type} key form for {branch.type_name}")
+            key_getters.append((branch.get, to_forms))
+        else:
+            emitter = EMITTERS[component.type].get(branch.type_name)
+            if emitter is None:
+                raise CompileError(f"no {component.type} encoding for {branch.type_name}")
+            typed_getters.append((branch.get, emitter))
     rooted = any(branch.rooted for branch in branches)
-    return _CompiledComponent(component.code, rooted, tuple(getters), keyed)
+    return _CompiledComponent(
+        component.code, rooted, keyed, tuple(key_getters), tuple(typed_getters)
+    )
 
 
 def _compile_composite(definition: SearchParameterDefinition, resource_type: str) -> Emitter:
-    assert definition.expression is not None  # noqa: S101 - checked by the caller
+    if definition.expression is None:
+        raise CompileError(f"{definition.id} has no expression")
     bases = compile_expression(definition.expression, resource_type)
     plans: list[tuple[Callable[[Any], list[Any]], tuple[_CompiledComponent, ...]]] = []
     for base in bases:
@@ -563,35 +578,35 @@ def _emit_composite(
     components: tuple[_CompiledComponent, ...],
     out: IndexValues,
 ) -> None:
-    # Read every component first: most composites do not apply to a given
-    # item (code-value-string on a Quantity value), so bail out before encoding.
-    found: list[list[tuple[KeyForms | Emitter, list[Any]]]] = []
-    for component in components:
-        focus = resource if component.rooted else item
-        values_found = [
-            (handler, values) for get, handler in component.getters if (values := get(focus))
-        ]
-        if not values_found:
-            return
-        found.append(values_found)
-    key_lists: list[list[str]] = []
+    # Typed parts first: most composites do not apply to a given item
+    # (code-value-string on a Quantity value), so bail out before building keys.
     typed: list[tuple[str, IndexValues]] = []
-    for component, component_values in zip(components, found, strict=True):
+    for component in components:
         if component.keyed:
-            forms: list[str] = []
-            for handler, values in component_values:
-                forms.extend(handler(values))  # type: ignore[call-arg,arg-type]  # KeyForms here
-            if not forms:
-                return
-            key_lists.append(forms)
-        else:
-            # Encode the typed part once, then copy its rows under each key prefix.
-            rows = IndexValues()
-            for handler, values in component_values:
-                handler("", values, rows)  # type: ignore[call-arg,arg-type]  # Emitter here
-            if not (rows.quantities or rows.dates or rows.strings):
-                return
-            typed.append((component.code, rows))
+            continue
+        focus = resource if component.rooted else item
+        # Encode the typed part once, then copy its rows under each key prefix.
+        rows = IndexValues()
+        for get, emit in component.typed_getters:
+            values = get(focus)
+            if values:
+                emit("", values, rows)
+        if not (rows.quantities or rows.dates or rows.strings):
+            return
+        typed.append((component.code, rows))
+    key_lists: list[list[str]] = []
+    for component in components:
+        if not component.keyed:
+            continue
+        focus = resource if component.rooted else item
+        forms: list[str] = []
+        for get, to_forms in component.key_getters:
+            values = get(focus)
+            if values:
+                forms.extend(to_forms(values))
+        if not forms:
+            return
+        key_lists.append(forms)
     for prefix in itertools.product(*key_lists):
         if not typed:
             out.tokens.append(composite_key(param, *prefix))
@@ -614,8 +629,12 @@ class ResourceExtractor:
     """The compiled extraction plan of one resource type."""
 
     resource_type: str
-    steps: tuple[tuple[str, Callable[[Any], list[Any]], Emitter], ...]
+    steps: tuple[Step, ...]
     compartment_params: frozenset[str]
+    # The steps again, grouped by the top-level key they read (absent keys
+    # are never visited) and the few that must always run.
+    steps_by_key: Mapping[str, tuple[Step, ...]]
+    unkeyed_steps: tuple[Step, ...]
 
 
 def _resource_itself(resource: Any) -> list[Any]:
@@ -624,21 +643,23 @@ def _resource_itself(resource: Any) -> list[Any]:
 
 def compile_parameter(
     definition: SearchParameterDefinition, resource_type: str
-) -> list[tuple[Callable[[Any], list[Any]], Emitter]]:
-    """Compile one search parameter for one resource type into (getter, emitter) steps."""
+) -> list[tuple[Callable[[Any], list[Any]], Emitter, str | None]]:
+    """Compile one search parameter for one resource type into (getter, emitter, key) steps."""
     if definition.expression is None:
         raise CompileError(f"{definition.id} has no expression")
     if definition.type == "composite":
-        return [(_resource_itself, _compile_composite(definition, resource_type))]
+        return [(_resource_itself, _compile_composite(definition, resource_type), None)]
     table = EMITTERS.get(definition.type)
     if table is None:
         raise CompileError(f"{definition.id}: no encoding for type {definition.type}")
-    steps: list[tuple[Callable[[Any], list[Any]], Emitter]] = []
+    steps: list[tuple[Callable[[Any], list[Any]], Emitter, str | None]] = []
     for branch in compile_expression(definition.expression, resource_type):
         emitter = table.get(branch.type_name)
         if emitter is None:
-            raise CompileError(f"{definition.id}: no {definition.type} encoding for {branch.type_name}")
-        steps.append((branch.get, emitter))
+            raise CompileError(
+                f"{definition.id}: no {definition.type} encoding for {branch.type_name}"
+            )
+        steps.append((branch.get, emitter, branch.first_key))
     return steps
 
 
@@ -648,14 +669,27 @@ def extractor_for(resource_type: str) -> ResourceExtractor:
     if resource_type in UNSUPPORTED_RESOURCE_TYPES:
         raise UnknownResourceType(resource_type)
     resource_model(resource_type)
-    steps: list[tuple[str, Callable[[Any], list[Any]], Emitter]] = []
+    steps: list[Step] = []
+    by_key: dict[str, list[Step]] = {}
+    unkeyed: list[Step] = []
     for code, definition in definitions_for(resource_type).items():
         if definition.id in SKIPPED_PARAMETERS or (resource_type, code) in R4B_ABSENT_ELEMENTS:
             continue
-        for get, emit in compile_parameter(definition, resource_type):
-            steps.append((code, get, emit))
+        for get, emit, first_key in compile_parameter(definition, resource_type):
+            step = (code, get, emit)
+            steps.append(step)
+            if first_key is None:
+                unkeyed.append(step)
+            else:
+                by_key.setdefault(first_key, []).append(step)
     compartment = frozenset(patient_compartment_params().get(resource_type, ()))
-    return ResourceExtractor(resource_type, tuple(steps), compartment)
+    return ResourceExtractor(
+        resource_type,
+        tuple(steps),
+        compartment,
+        MappingProxyType({key: tuple(group) for key, group in by_key.items()}),
+        tuple(unkeyed),
+    )
 
 
 def compile_all() -> dict[str, ResourceExtractor]:
@@ -674,7 +708,13 @@ def extract_index(resource: Mapping[str, Any]) -> IndexValues:
         raise UnknownResourceType(repr(resource_type))
     extractor = extractor_for(resource_type)
     out = IndexValues()
-    for code, get, emit in extractor.steps:
+    steps_by_key = extractor.steps_by_key
+    for key in document:
+        for code, get, emit in steps_by_key.get(key, ()):
+            values = get(document)
+            if values:
+                emit(code, values, out)
+    for code, get, emit in extractor.unkeyed_steps:
         values = get(document)
         if values:
             emit(code, values, out)

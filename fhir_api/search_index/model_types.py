@@ -91,9 +91,19 @@ def _type_of(annotation: Any) -> tuple[str, type[Any] | None]:
     raise TypeError(f"unrecognised element annotation {annotation!r}")
 
 
-@functools.cache
+_ELEMENTS: dict[type[Any], dict[str, tuple[ElementType, ...]]] = {}
+
+
 def elements_of(model: type[Any]) -> dict[str, tuple[ElementType, ...]]:
     """Map each FHIRPath element name of a model to its concrete JSON keys and types."""
+    # A plain dict, not functools.cache: typeshed does not see classes as Hashable.
+    cached = _ELEMENTS.get(model)
+    if cached is None:
+        cached = _ELEMENTS[model] = _read_elements(model)
+    return cached
+
+
+def _read_elements(model: type[Any]) -> dict[str, tuple[ElementType, ...]]:
     elements: dict[str, list[ElementType]] = {}
     for field in model.model_fields.values():
         extra = field.json_schema_extra

@@ -119,6 +119,22 @@ def test_unsupported_expressions_fail_loudly(expression: str) -> None:
         compile_expression(expression, "Observation")
 
 
+def test_where_on_a_choice_element_and_related_artifacts() -> None:
+    (successor,) = compile_expression(
+        "PlanDefinition.relatedArtifact.where(type='successor').resource", "PlanDefinition"
+    )
+    plan = {
+        "relatedArtifact": [
+            {"type": "successor", "resource": "http://x/PlanDefinition/b|2"},
+            {"type": "predecessor", "resource": "http://x/PlanDefinition/a"},
+        ]
+    }
+    assert successor.get(plan) == ["http://x/PlanDefinition/b|2"]
+    branches = compile_expression("Observation.component.where(value = 'x')", "Observation")
+    component = {"component": [{"valueString": "x"}, {"valueString": "y"}, {"valueBoolean": True}]}
+    assert branches[0].get(component) == [{"valueString": "x"}]
+
+
 def test_unknown_element_fails_loudly() -> None:
     with pytest.raises(UnknownElement):
         compile_expression("Observation.nonsense", "Observation")
