@@ -12,7 +12,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     DateTime,
     Index,
@@ -62,8 +61,9 @@ class ResourceVersionRow(Base):
     __tablename__ = "fhir_resource_version"
     __table_args__ = (
         PrimaryKeyConstraint("resource_type", "id", "version_id"),
+        # One time index serves system and type history; each extra index on
+        # this append-only table costs every write.
         Index("ix_fhir_resource_version_last_updated", "last_updated"),
-        Index("ix_fhir_resource_version_type_updated", "resource_type", "last_updated"),
     )
 
     resource_type: Mapped[str] = mapped_column(Text)
@@ -108,7 +108,10 @@ class SearchDateRow(Base):
         Index("ix_fhir_search_date_lookup", "resource_type", "param", "low", "high"),
     )
 
-    row_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # No surrogate key: rows are only ever found through the indexes and
+    # replaced per resource, so a sequence and a primary-key index are pure cost.
+    __mapper_args__ = {"primary_key": ["resource_type", "resource_id", "param", "low", "high"]}
+
     resource_type: Mapped[str] = mapped_column(Text)
     resource_id: Mapped[str] = mapped_column(Text)
     compartment_key: Mapped[str | None] = mapped_column(Text)
@@ -126,7 +129,8 @@ class SearchQuantityRow(Base):
         Index("ix_fhir_search_quantity_lookup", "resource_type", "param", "value"),
     )
 
-    row_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    __mapper_args__ = {"primary_key": ["resource_type", "resource_id", "param", "value"]}
+
     resource_type: Mapped[str] = mapped_column(Text)
     resource_id: Mapped[str] = mapped_column(Text)
     compartment_key: Mapped[str | None] = mapped_column(Text)

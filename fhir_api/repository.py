@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Row,
+    TextClause,
     and_,
     delete,
     func,
-    insert,
     literal_column,
     or_,
     select,
@@ -26,7 +28,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from fhir_api.models import (
-    BundleReceiptRow,
     ResourceRow,
     ResourceVersionRow,
     SearchDateRow,
@@ -62,14 +63,29 @@ def lock_key(text_key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock_keys(session: Session, keys: Iterable[str]) -> None:
-    """Take transaction-scoped advisory locks, in a fixed order so bundles never deadlock."""
+def lock_keys(session: Session, keys: Iterable[str], *, timeout_ms: int | None = None) -> None:
+    """Take transaction-scoped advisory locks in one statement, in a fixed order.
+
+    Every writer locks in ascending key order, so bundles that share keys queue
+    instead of deadlocking. With `timeout_ms` the wait is bounded for the rest of
+    the transaction (set_config runs before the locks in the target list).
+    """
     numbers = sorted({lock_key(k) for k in keys})
-    if numbers:
+    if not numbers:
+        return
+    if timeout_ms is None:
         session.execute(
             text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
             {"keys": numbers},
         )
+        return
+    session.execute(
+        text(
+            "SELECT set_config('lock_timeout', :timeout, true), "
+            "(SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k)"
+        ),
+        {"keys": numbers, "timeout": f"{timeout_ms}ms"},
+    )
 
 
 def get_current(session: Session, resource_type: str, resource_id: str) -> ResourceRow | None:
@@ -82,6 +98,15 @@ def get_current(session: Session, resource_type: str, resource_id: str) -> Resou
     return session.execute(statement).scalar_one_or_none()
 
 
+# Fixed SQL texts on the ingest path: compiled once by SQLAlchemy and, being
+# the same string every time, prepared once per connection by psycopg.
+_CURRENT_VERSIONS = text(
+    "SELECT r.resource_type, r.id, r.version_id, r.deleted FROM fhir_resource AS r "
+    "JOIN unnest(CAST(:types AS text[]), CAST(:ids AS text[])) AS k(resource_type, id) "
+    "USING (resource_type, id)"
+)
+
+
 def list_current_versions(
     session: Session, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[int, bool]]:
@@ -89,24 +114,35 @@ def list_current_versions(
     if not keys:
         return {}
     rows = session.execute(
-        select(
-            ResourceRow.resource_type, ResourceRow.id, ResourceRow.version_id, ResourceRow.deleted
-        ).where(tuple_(ResourceRow.resource_type, ResourceRow.id).in_(list(keys)))
+        _CURRENT_VERSIONS, {"types": [k[0] for k in keys], "ids": [k[1] for k in keys]}
     )
     return {(r.resource_type, r.id): (r.version_id, r.deleted) for r in rows}
 
 
 def list_existing(session: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
     """Return which (type, id) pairs exist and are not deleted."""
-    if not keys:
-        return set()
-    rows = session.execute(
-        select(ResourceRow.resource_type, ResourceRow.id).where(
-            tuple_(ResourceRow.resource_type, ResourceRow.id).in_(list(keys)),
-            ResourceRow.deleted.is_(False),
-        )
+    versions = list_current_versions(session, keys)
+    return {key for key, (_, deleted) in versions.items() if not deleted}
+
+
+@functools.cache
+def _token_lookup(criteria_count: int) -> TextClause:
+    conditions = " AND ".join(f"tokens && CAST(:keys{n} AS text[])" for n in range(criteria_count))
+    # Only bound-parameter names are interpolated; every value is a parameter.
+    return text(
+        "SELECT id FROM fhir_resource WHERE resource_type = :resource_type "  # noqa: S608
+        f"AND deleted IS false AND {conditions} LIMIT :limit"
     )
-    return {(r.resource_type, r.id) for r in rows}
+
+
+def list_ids_by_tokens(
+    session: Session, resource_type: str, key_groups: Sequence[Sequence[str]], limit: int
+) -> list[str]:
+    """Return ids of undeleted resources whose tokens meet every group (any key of each)."""
+    params: dict[str, Any] = {"resource_type": resource_type, "limit": limit}
+    for position, keys in enumerate(key_groups):
+        params[f"keys{position}"] = list(keys)
+    return list(session.execute(_token_lookup(len(key_groups)), params).scalars())
 
 
 def get_version(
@@ -279,7 +315,7 @@ def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
         if write.replaces_existing:
             replaced.append((write.resource_type, write.id))
             # SQLAlchemy serializes JSONB itself: give it the document, not the COPY wrapper.
-            row = dict(zip(_RESOURCE_COLUMNS, current, strict=True))
+            row: dict[str, Any] = dict(zip(_RESOURCE_COLUMNS, current, strict=True))
             row["resource"] = write.resource
             replaced_current.append(row)
         else:
@@ -440,11 +476,25 @@ def list_compartment(
     return list(session.execute(statement).all())  # type: ignore[arg-type]
 
 
+_GET_RECEIPT = text(
+    "SELECT content_sha256, status, response FROM fhir_bundle_receipt "
+    "WHERE client_id = :client_id AND bundle_identifier = :bundle_identifier"
+)
+_ADD_RECEIPT = text(
+    "INSERT INTO fhir_bundle_receipt (client_id, bundle_identifier, content_sha256, status, "
+    "response) VALUES (:client_id, :bundle_identifier, :content_sha256, :status, "
+    "CAST(:response AS jsonb))"
+)
+
+
 def get_receipt(
     session: Session, client_id: str, bundle_identifier: str
-) -> BundleReceiptRow | None:
-    """Return the stored answer to a bundle, if any."""
-    return session.get(BundleReceiptRow, (client_id, bundle_identifier))
+) -> Row[tuple[bytes, int, dict[str, Any]]] | None:
+    """Return (content hash, status, response) stored for a bundle, if any."""
+    result = session.execute(
+        _GET_RECEIPT, {"client_id": client_id, "bundle_identifier": bundle_identifier}
+    )
+    return result.one_or_none()
 
 
 def add_receipt(
@@ -458,11 +508,12 @@ def add_receipt(
 ) -> None:
     """Store the answer to a bundle under its idempotency key."""
     session.execute(
-        insert(BundleReceiptRow).values(
-            client_id=client_id,
-            bundle_identifier=bundle_identifier,
-            content_sha256=content_sha256,
-            status=status,
-            response=response,
-        )
+        _ADD_RECEIPT,
+        {
+            "client_id": client_id,
+            "bundle_identifier": bundle_identifier,
+            "content_sha256": content_sha256,
+            "status": status,
+            "response": orjson.dumps(response).decode(),
+        },
     )

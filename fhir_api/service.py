@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 
 import orjson
 import psycopg.errors
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,6 +29,7 @@ from fhir_api.writes import (
     TransactionEngine,
     WriteSettings,
     format_instant,
+    lock_keys_for,
 )
 from hub.errors import Issue, WahaError, operation_outcome
 
@@ -173,20 +173,15 @@ def _bundle_identifier(bundle: JSONObject) -> str | None:
     return None
 
 
-def _wait_for_twin(session: Session, key: str, wait_seconds: float) -> None:
-    # A duplicate of an in-flight bundle blocks here until the first commits or
-    # rolls back, then reads its receipt; the timeout bounds that wait.
-    session.execute(
-        text("SELECT set_config('lock_timeout', :timeout, true)"),
-        {"timeout": f"{int(wait_seconds * 1000)}ms"},
-    )
+def _lock_bundle(session: Session, keys: list[str], wait_seconds: float) -> None:
+    # A duplicate of an in-flight bundle blocks on the idempotency key until the
+    # first commits or rolls back, then reads its receipt; the timeout bounds it.
     try:
-        repository.lock_keys(session, [key])
+        repository.lock_keys(session, keys, timeout_ms=int(wait_seconds * 1000))
     except OperationalError as error:
         if isinstance(error.orig, psycopg.errors.LockNotAvailable):
             raise BundleInFlight("an identical bundle is still being processed; retry") from None
         raise
-    session.execute(text("SELECT set_config('lock_timeout', '0', true)"))
 
 
 def process_bundle(
@@ -210,13 +205,20 @@ def process_bundle(
     if len(entries) > limits.max_entries:
         raise BundleTooLarge(f"{len(entries)} entries; the limit is {limits.max_entries}")
 
+    requests: list[EntryRequest] = []
+    if bundle_type == "transaction":
+        requests = [
+            _entry_request(entry, position, base_url=settings.base_url)
+            for position, entry in enumerate(entries)
+        ]
     identifier = _bundle_identifier(bundle)
     digest = b""
+    lock_keys = lock_keys_for(requests)
     if identifier is not None:
         digest = hashlib.sha256(orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)).digest()
-        _wait_for_twin(
-            session, f"bundle:{context.client_id}:{identifier}", limits.idempotency_wait_seconds
-        )
+        lock_keys.append(f"bundle:{context.client_id}:{identifier}")
+    _lock_bundle(session, lock_keys, limits.idempotency_wait_seconds)
+    if identifier is not None:
         receipt = repository.get_receipt(session, context.client_id, identifier)
         if receipt is not None:
             if receipt.content_sha256 != digest:
@@ -226,12 +228,8 @@ def process_bundle(
             return receipt.status, receipt.response
 
     if bundle_type == "transaction":
-        requests = [
-            _entry_request(entry, position, base_url=settings.base_url)
-            for position, entry in enumerate(entries)
-        ]
         engine = TransactionEngine(session, context=context, settings=settings)
-        results = engine.run(requests)
+        results = engine.run(requests, locked=True)
     else:
         results = _run_batch(session, entries, context=context, settings=settings)
     response: JSONObject = {

@@ -124,6 +124,20 @@ def _iter_reference_holders(node: Any, path: str) -> Iterator[tuple[dict[str, An
             yield from _iter_reference_holders(item, f"{path}[{position}]")
 
 
+def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
+    """Return the advisory-lock keys a write of these entries must hold."""
+    keys: list[str] = []
+    for entry in entries:
+        if entry.method not in WRITE_METHODS:
+            continue
+        query = entry.if_none_exist if entry.method == "POST" else entry.query
+        if query is not None:
+            keys.append(f"cond:{entry.resource_type}?{criteria_module.normalized_query(query)}")
+        elif entry.resource_id is not None:
+            keys.append(f"res:{entry.resource_type}/{entry.resource_id}")
+    return keys
+
+
 class TransactionEngine:
     """Plan and apply a list of interactions as one all-or-nothing unit."""
 
@@ -135,11 +149,15 @@ class TransactionEngine:
         self.settings = settings
         self.now = datetime.now(UTC)
 
-    def run(self, entries: Sequence[EntryRequest]) -> list[EntryResult]:
-        """Apply every entry in the spec's order; return results in the entries' order."""
+    def run(self, entries: Sequence[EntryRequest], *, locked: bool = False) -> list[EntryResult]:
+        """Apply every entry in the spec's order; return results in the entries' order.
+
+        `locked` says the caller already holds `lock_keys_for(entries)`.
+        """
         planned = [_Planned(entry, position) for position, entry in enumerate(entries)]
         self._validate(planned)
-        self._lock(planned)
+        if not locked:
+            repository.lock_keys(self.session, lock_keys_for(entries))
         results: dict[int, EntryResult] = {}
         writes: list[_Planned] = []
         created: list[_Planned] = []
@@ -202,28 +220,20 @@ class TransactionEngine:
             first.issues = issues[:100]
             raise first
 
-    def _lock(self, planned: Sequence[_Planned]) -> None:
-        keys: list[str] = []
-        for item in planned:
-            entry = item.entry
-            if entry.method not in WRITE_METHODS:
-                continue
-            query = entry.if_none_exist if entry.method == "POST" else entry.query
-            if query is not None:
-                canonical = criteria_module.normalized_query(query)
-                keys.append(f"cond:{entry.resource_type}?{canonical}")
-            elif entry.resource_id is not None:
-                keys.append(f"res:{entry.resource_type}/{entry.resource_id}")
-        repository.lock_keys(self.session, keys)
-
     def _search(
         self, resource_type: str, query: str, created: Sequence[_Planned]
     ) -> tuple[list[str], list[criteria_module.Criterion]]:
         criteria = criteria_module.parse_criteria(
             resource_type, query, base_url=self.settings.base_url
         )
-        conditions = criteria_module.to_conditions(resource_type, criteria)
-        found = repository.list_ids_matching(self.session, resource_type, conditions, limit=2)
+        if all(criterion.kind == "token" for criterion in criteria):
+            # The unit profile's If-None-Exist (identifier=system|value) takes this path.
+            found = repository.list_ids_by_tokens(
+                self.session, resource_type, [c.keys for c in criteria], limit=2
+            )
+        else:
+            conditions = criteria_module.to_conditions(resource_type, criteria)
+            found = repository.list_ids_matching(self.session, resource_type, conditions, limit=2)
         for other in created:
             if other.entry.resource_type != resource_type or other.target_id is None:
                 continue

@@ -36,18 +36,20 @@ def normalize_string(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def string_entries(param: str, value: str) -> tuple[tuple[str, str, str], ...]:
+def string_entries(
+    param: str, value: str, *, words: bool = True
+) -> tuple[tuple[str, str, str], ...]:
     """Return the string-index rows of one value: the whole value, then each of its words."""
     # Cached: code displays and place names repeat across most resources.
     normalized = normalize_string(value)
     if not normalized:
         return ()
     entries = [(param, normalized, value)]
-    words = normalized.split(" ")
-    if len(words) > 1:
+    parts = normalized.split(" ") if words else []
+    if len(parts) > 1:
         # Each word keeps the whole value as `exact`, so `:exact` still
         # matches only the full part while `name=idrissi` finds "El Idrissi".
-        entries.extend((param, word, value) for word in words)
+        entries.extend((param, word, value) for word in parts)
     return tuple(entries)
 
 

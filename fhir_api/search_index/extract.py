@@ -121,7 +121,9 @@ KeyForms = Callable[[list[Any]], list[str]]
 
 def _add_text(param: str, text: Any, out: IndexValues) -> None:
     if isinstance(text, str):
-        out.strings.extend(string_entries(text_param(param), text))
+        # `:text` matches from the start of the display text (R4 search, token
+        # modifiers); word entries would double the rows of every coded resource.
+        out.strings.extend(string_entries(text_param(param), text, words=False))
 
 
 def _token_coding(param: str, values: list[Any], out: IndexValues) -> None:

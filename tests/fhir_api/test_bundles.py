@@ -6,10 +6,15 @@ import copy
 import uuid
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from fhir_api import repository, service
+from fhir_api.context import SYSTEM_CONTEXT
+from fhir_api.errors import BundleInFlight
+from fhir_api.writes import WriteSettings
 from tests.builders import NATIONAL_ID, load_fixture, observation, patient, unit_bundle
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -241,3 +246,27 @@ def test_hl7_transaction_example(client: TestClient) -> None:
     # The example deletes and reads resources this store never had, and carries a
     # Parameters entry for an operation; what it must not do is store half of it.
     assert response.status_code in (200, 400, 404, 412, 422), response.text
+
+
+def test_request_id_is_echoed_and_generated(client: TestClient) -> None:
+    given = client.get("/fhir/metadata", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    assert len(client.get("/fhir/metadata").headers["x-request-id"]) == 32
+
+
+def test_duplicate_waits_only_as_long_as_allowed(db_engine: Engine, session: Session) -> None:
+    bundle = unit_bundle("INFLIGHT", observations=1)
+    identifier = f"{bundle['identifier']['system']}|{bundle['identifier']['value']}"
+    key = repository.lock_key(f"bundle:{SYSTEM_CONTEXT.client_id}:{identifier}")
+    # Another connection holds the bundle's key, as an in-flight twin would.
+    with db_engine.connect() as twin:
+        twin.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        with pytest.raises(BundleInFlight):
+            service.process_bundle(
+                session,
+                bundle,
+                context=SYSTEM_CONTEXT,
+                settings=WriteSettings(base_url="http://127.0.0.1:8000/fhir"),
+                limits=service.BundleLimits(max_entries=100, idempotency_wait_seconds=0.2),
+            )
+        twin.rollback()
