@@ -196,15 +196,15 @@ def everything_bundle(
         "link": [{"relation": "self", "url": self_link}],
         "entry": [
             {
-                "fullUrl": f"{base_url}/{row.resource_type}/{row.id}",
-                "resource": row.resource,
+                "fullUrl": f"{base_url}/{row[0]}/{row[1]}",
+                "resource": orjson.Fragment(row[2]),
                 "search": {"mode": "match"},
             }
             for row in rows
         ],
     }
     if more and rows:
-        cursor = encode_cursor([rows[-1].resource_type, rows[-1].id])
+        cursor = encode_cursor([rows[-1][0], rows[-1][1]])
         bundle["link"].append(
             {"relation": "next", "url": _with_param(self_link, "_cursor", cursor)}
         )

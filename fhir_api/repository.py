@@ -14,8 +14,10 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Row,
+    Text,
     TextClause,
     and_,
+    cast,
     delete,
     func,
     literal_column,
@@ -428,7 +430,7 @@ def list_compartment(
     since: datetime | None,
     after: tuple[str, str] | None,
     limit: int,
-) -> list[Row[tuple[str, str, dict[str, Any]]]]:
+) -> list[tuple[str, str, str]]:
     """Return a page of a patient's compartment plus the resources it references.
 
     Ordered by (type, id) so that keyset paging is stable while new resources arrive.
@@ -465,7 +467,9 @@ def list_compartment(
         ),
     )
     union = compartment.union(referenced).subquery()
-    statement = select(union.c.resource_type, union.c.id, union.c.resource)
+    # The document as text: the response embeds it as is instead of decoding
+    # and re-encoding every resource of a record.
+    statement = select(union.c.resource_type, union.c.id, cast(union.c.resource, Text))
     if types:
         statement = statement.where(union.c.resource_type.in_(list(types)))
     if since is not None:
@@ -473,7 +477,7 @@ def list_compartment(
     if after is not None:
         statement = statement.where(tuple_(union.c.resource_type, union.c.id) > tuple_(*after))
     statement = statement.order_by(union.c.resource_type, union.c.id).limit(limit)
-    return list(session.execute(statement).all())  # type: ignore[arg-type]
+    return [(str(row[0]), str(row[1]), str(row[2])) for row in session.execute(statement)]
 
 
 _GET_RECEIPT = text(
