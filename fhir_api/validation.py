@@ -23,25 +23,6 @@ JSONObject = dict[str, Any]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
-# R4 types the R4B models dropped; storing them unvalidated would break strictness.
-TYPES_WITHOUT_MODEL = frozenset(
-    {
-        "EffectEvidenceSynthesis",
-        "MedicinalProduct",
-        "MedicinalProductAuthorization",
-        "MedicinalProductContraindication",
-        "MedicinalProductIndication",
-        "MedicinalProductIngredient",
-        "MedicinalProductInteraction",
-        "MedicinalProductManufactured",
-        "MedicinalProductPackaged",
-        "MedicinalProductPharmaceutical",
-        "MedicinalProductUndesirableEffect",
-        "RiskEvidenceSynthesis",
-        "SubstanceSpecification",
-    }
-)
-
 
 @cache
 def r4_resource_types() -> frozenset[str]:
@@ -51,15 +32,32 @@ def r4_resource_types() -> frozenset[str]:
     return frozenset(entry["code"] for entry in definition["resource"])
 
 
+def _has_model(resource_type: str) -> bool:
+    try:
+        get_fhir_model_class(resource_type)
+    except (KeyError, AttributeError, ValueError):
+        return False
+    return True
+
+
+@cache
+def types_without_model() -> frozenset[str]:
+    """Return the R4 types the R4B models dropped (MedicinalProduct*, Substance*, ...).
+
+    Storing them unvalidated would break strictness, so Waha refuses them.
+    """
+    return frozenset(t for t in r4_resource_types() if not _has_model(t))
+
+
 @cache
 def supported_resource_types() -> frozenset[str]:
     """Return the R4 resource types Waha validates and stores."""
-    return frozenset(r4_resource_types() - TYPES_WITHOUT_MODEL)
+    return frozenset(r4_resource_types() - types_without_model())
 
 
 def check_resource_type(resource_type: str) -> None:
     """Raise unless `resource_type` is one Waha stores."""
-    if resource_type in TYPES_WITHOUT_MODEL:
+    if resource_type in types_without_model():
         raise UnsupportedResourceType(
             f"{resource_type} is an R4 type without a validating model; Waha does not store it"
         )
