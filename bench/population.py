@@ -135,10 +135,14 @@ class PatientProfile:
     douar: str
     phone: str | None
     registered_year: int
+    population: str
 
     def record_number(self, unit: Unit) -> str:
         """Return the patient's record number at the given unit."""
-        return f"U{unit.number:02d}-{self.registered_year}-{self.index:06d}"
+        # The population tag keeps numbers of different seeds apart: two
+        # populations loaded into one store must not share a record number, or
+        # a conditional create on it would match people from both.
+        return f"U{unit.number:02d}-{self.registered_year}-{self.population}-{self.index:06d}"
 
 
 @dataclass(frozen=True)
@@ -380,6 +384,10 @@ def _national_id_offset(seed: int | str) -> int:
     return _rng(seed, "national-id").randrange(1_000_000)
 
 
+def _population_tag(seed: int | str) -> str:
+    return f"{_rng(seed, 'population').randrange(36**5):05X}"
+
+
 def patient_profile(seed: int | str, index: int, *, units: Sequence[Unit]) -> PatientProfile:
     """Return the demographics of patient `index` of the population `seed`."""
     rng = _rng(seed, "patient", index)
@@ -413,6 +421,7 @@ def patient_profile(seed: int | str, index: int, *, units: Sequence[Unit]) -> Pa
         douar=rng.choice(_DOUARS),
         phone=phone,
         registered_year=rng.choice((2024, 2025, 2026)),
+        population=_population_tag(seed),
     )
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import structlog
-from celery import Celery, shared_task
+from celery import Celery, Task, shared_task
 from celery.signals import worker_process_init
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from hub import db, outbox
 from hub.logging import configure_logging
-from hub.settings import get_settings
+from hub.settings import Settings, get_settings
 
 log = structlog.get_logger()
 
@@ -19,11 +22,20 @@ _last_enqueue = 0.0
 # At most one drain request per interval from a process; the periodic drain
 # covers whatever a skipped request would have delivered.
 ENQUEUE_INTERVAL_SECONDS = 0.2
+# A drain request nobody consumed for this long is discarded: while no worker
+# runs, the API would otherwise pile up thousands of identical requests, and
+# the first drain after start-up delivers every pending event anyway.
+DRAIN_REQUEST_EXPIRES_SECONDS = 60
+PERIODIC_DRAIN_SECONDS = 2.0
+# One task delivers at most this many batches, then hands the rest to a fresh
+# task, so a backlog cannot hold a worker slot (or a warm shutdown) for minutes.
+MAX_BATCHES_PER_TASK = 25
+_IMPORTED_IN_PID = os.getpid()
 
 
-def make_celery() -> Celery:
+def make_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app from the settings."""
-    settings = get_settings()
+    settings = settings or get_settings()
     app = Celery("waha", broker=str(settings.redis_url), backend=None)
     app.conf.update(
         task_acks_late=True,
@@ -32,8 +44,15 @@ def make_celery() -> Celery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
+        # structlog already writes JSON lines to stdout; Celery's redirect would
+        # wrap each of them in a second, WARNING-level log line.
+        worker_redirect_stdouts=False,
         beat_schedule={
-            "drain-outbox": {"task": DRAIN_TASK, "schedule": 2.0},
+            "drain-outbox": {
+                "task": DRAIN_TASK,
+                "schedule": PERIODIC_DRAIN_SECONDS,
+                "options": {"expires": PERIODIC_DRAIN_SECONDS * 5},
+            },
         },
         imports=("hub.celery_app",),
     )
@@ -45,9 +64,21 @@ celery_app = make_celery()
 
 @worker_process_init.connect
 def _init_worker(**_: object) -> None:
-    settings = get_settings()
-    configure_logging(settings)
-    db.configure(settings)
+    configure_logging(get_settings())
+    bind = db.session_factory.kw.get("bind")
+    if isinstance(bind, Engine) and os.getpid() != _IMPORTED_IN_PID:
+        # A forked pool process must not reuse the parent's pooled connections.
+        bind.dispose(close=False)
+    _ensure_database()
+
+
+def _ensure_database() -> None:
+    """Bind the session factory from the settings unless something bound it already."""
+    # The thread pool never sends worker_process_init; the solo pool sends it
+    # in the process of an embedded test worker, whose factory is bound to the
+    # test database and must not be rebound to the configured one.
+    if db.session_factory.kw.get("bind") is None:
+        db.configure(get_settings())
 
 
 def enqueue_drain() -> None:
@@ -57,16 +88,31 @@ def enqueue_drain() -> None:
     if now - _last_enqueue < ENQUEUE_INTERVAL_SECONDS:
         return
     _last_enqueue = now
-    celery_app.send_task(DRAIN_TASK)
+    celery_app.send_task(DRAIN_TASK, expires=DRAIN_REQUEST_EXPIRES_SECONDS)
 
 
-@shared_task(name=DRAIN_TASK, acks_late=True, ignore_result=True)
-def drain_outbox() -> int:
+# Idempotent by construction: a delivered event is 'done' in the same
+# transaction as its handlers' writes, and rows are claimed with SKIP LOCKED,
+# so a redelivered or concurrent drain finds nothing left to do. A transient
+# database error rolls the batch back and the task retries; once retries are
+# spent the events stay pending for the periodic drain, never lost.
+@shared_task(
+    name=DRAIN_TASK,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=5,
+    bind=True,
+)
+def drain_outbox(self: Task) -> int:  # type: ignore[type-arg]  # Task is generic only in stubs
     """Deliver due outbox events to their handlers; return how many were handled."""
     settings = get_settings()
-    db.configure(settings)
+    _ensure_database()
     handled = 0
-    while True:
+    for _ in range(MAX_BATCHES_PER_TASK):
         with db.session_scope() as session:
             count = outbox.drain(
                 session,
@@ -76,6 +122,9 @@ def drain_outbox() -> int:
         handled += count
         if count < settings.outbox_batch_size:
             break
+    else:
+        self.apply_async(expires=DRAIN_REQUEST_EXPIRES_SECONDS)
+        log.info("hub.outbox_backlog_continues", events=handled)
     if handled:
         log.info("hub.outbox_drained", events=handled)
     return handled

@@ -33,9 +33,13 @@ def migrate() -> None:
 def load_demo(seed: int = 42) -> None:
     """Load the demo data set (idempotent: bundles replay, reference data updates)."""
     from bench.demo import load_demo_data  # noqa: PLC0415 - dev-only dependency path
+    from hub.celery_app import enqueue_drain  # noqa: PLC0415 - Celery only when needed
 
     settings = get_settings()
     db.configure(settings)
+    # As in the API: a running worker delivers the demo's events right away
+    # instead of at its next periodic drain.
+    outbox.set_notifier(enqueue_drain)
     counts = load_demo_data(settings, seed=seed)
     print(f"waha: demo data loaded ({counts})")
 

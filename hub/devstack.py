@@ -32,54 +32,130 @@ def _wait_http(url: str, seconds: float) -> bool:
     return False
 
 
+def _stop_on_signals() -> None:
+    """Route SIGINT, SIGTERM and SIGHUP to the Ctrl-C path, so children are stopped too."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGINT too: a shell without job control starts background commands with
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop(children: list[subprocess.Popen[bytes]], *, grace_seconds: float = 20) -> None:
+    """Stop every child and its process group: SIGTERM, then SIGKILL after the grace time."""
+    # The leaders first: uvicorn's master and Celery's main process then stop
+    # their own workers cleanly (Celery finishes running tasks); signalling the
+    # whole group at once would kill tasks mid-flight.
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    # Waiting for a leader is not enough: a worker of its group may outlive it.
+    for child in children:
+        if _group_alive(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+    while any(_group_alive(child.pid) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+
+
 def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
     """Start every dev process, load demo data, print where things are, wait for Ctrl-C."""
+    if _port_open(api_port):
+        # Another server answering there would pass the health check and receive
+        # the demo data; refuse instead of silently using it.
+        raise SystemExit(
+            f"waha: 127.0.0.1:{api_port} is already in use; stop that server or pass --api-port"
+        )
     env = dict(os.environ)
     env.setdefault("WAHA_ENV", "dev")
-    env.setdefault("WAHA_S3_ENDPOINT", f"127.0.0.1:{s3_port}")
-    env.setdefault("WAHA_PUBLIC_BASE_URL", f"http://127.0.0.1:{api_port}")
+    # The ports given on the command line win over the environment: every
+    # process of the stack must agree on where the API and S3 are.
+    env["WAHA_S3_ENDPOINT"] = f"127.0.0.1:{s3_port}"
+    env["WAHA_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{api_port}"
+    state = Path("var")
+    state.mkdir(exist_ok=True)
     children: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, *command: str) -> None:
-        print(f"waha: starting {name}")
+        print(f"waha: starting {name}", flush=True)
+        # A session of its own: Ctrl-C reaches only this process, which then
+        # stops each child's whole group in order.
         children.append(subprocess.Popen(command, env=env, start_new_session=True))  # noqa: S603
 
-    if _port_open(s3_port):
-        print(f"waha: an S3 server already answers on 127.0.0.1:{s3_port}; using it")
-    else:
-        start("local S3 server", str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port))
-    start(
-        "API",
-        str(BIN / "uvicorn"),
-        "hub.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(api_port),
-        "--workers",
-        "2",
-    )
-    start(
-        "worker",
-        str(BIN / "celery"),
-        "-A",
-        "hub.celery_app:celery_app",
-        "worker",
-        "--beat",
-        "--concurrency",
-        "2",
-        "--loglevel",
-        "INFO",
-    )
+    _stop_on_signals()
+    exit_code = 0
     try:
+        if _port_open(s3_port):
+            print(f"waha: an S3 server already answers on 127.0.0.1:{s3_port}; using it")
+        else:
+            start(
+                "local S3 server",
+                str(BIN / "moto_server"),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(s3_port),
+            )
+        start(
+            "API",
+            str(BIN / "uvicorn"),
+            "hub.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(api_port),
+            "--workers",
+            "2",
+        )
+        start(
+            "worker",
+            str(BIN / "celery"),
+            "-A",
+            "hub.celery_app:celery_app",
+            "worker",
+            "--beat",
+            "--schedule-filename",
+            str(state / "celerybeat-schedule"),
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "INFO",
+        )
         if not _wait_http(f"http://127.0.0.1:{api_port}/healthz", 60):
             raise SystemExit("waha: the API did not come up; see its log above")
+        demo_note = ""
         if load_demo:
-            subprocess.run([str(BIN / "waha"), "load-demo"], env=env, check=True)  # noqa: S603
+            loaded = subprocess.run([str(BIN / "waha"), "load-demo"], env=env, check=False)  # noqa: S603
+            # The API and worker are still useful without the demo data, so
+            # the stack keeps running and says so instead of stopping.
+            if loaded.returncode != 0:
+                demo_note = "  Demo data     NOT loaded: `waha load-demo` failed (see above)\n"
         print(
             "\n"
             f"  Waha is running.\n"
+            f"{demo_note}"
             f"  FHIR API      http://127.0.0.1:{api_port}/fhir  (metadata: /fhir/metadata)\n"
             f"  API docs      http://127.0.0.1:{api_port}/docs\n"
             f"  Local S3      http://127.0.0.1:{s3_port}\n"
@@ -89,15 +165,15 @@ def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
         )
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
-        print("waha: a process stopped; shutting the rest down")
+        print("waha: a process stopped; shutting the rest down", flush=True)
+        exit_code = 1
     except KeyboardInterrupt:
-        print("\nwaha: stopping")
+        print("\nwaha: stopping", flush=True)
     finally:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+        # A second Ctrl-C must not cut the shutdown short and leave orphans;
+        # _stop escalates to SIGKILL on its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop(children)
+        print("waha: stopped", flush=True)
+    if exit_code:
+        raise SystemExit(exit_code)

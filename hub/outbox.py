@@ -7,18 +7,21 @@ backoff and ends as a visible dead letter that `waha outbox replay` re-queues.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import structlog
 from psycopg.types.json import Jsonb
-from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, event, select, text
+from sqlalchemy import BigInteger, DateTime, Index, Integer, Text, event, func, select, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, SessionTransaction, mapped_column
 
 from hub.db import Base, copy_rows, session_factory
+from hub.errors import WahaError
 
 log = structlog.get_logger()
 
@@ -76,10 +79,20 @@ def register_handler(topic: str, handler: Handler) -> None:
         _handlers[topic].append(handler)
 
 
-def set_notifier(notifier: Callable[[], None] | None) -> None:
-    """Set what is called after a commit that wrote events (enqueues a drain)."""
+def unregister_handler(topic: str, handler: Handler) -> None:
+    """Stop delivering events of `topic` to `handler` (a no-op if it was not registered)."""
+    handlers = _handlers.get(topic, [])
+    if handler in handlers:
+        handlers.remove(handler)
+    if not handlers:
+        _handlers.pop(topic, None)
+
+
+def set_notifier(notifier: Callable[[], None] | None) -> Callable[[], None] | None:
+    """Set what is called after a commit that wrote events; return the previous one."""
     global _notifier  # noqa: PLW0603 - set once by the composition root
-    _notifier = notifier
+    previous, _notifier = _notifier, notifier
+    return previous
 
 
 def add_events(
@@ -104,6 +117,10 @@ def add_events(
 
 @event.listens_for(session_factory, "after_commit")
 def _notify_after_commit(session: Session) -> None:
+    # after_commit also fires when a savepoint is released; the events are not
+    # visible to a worker until the outermost transaction commits.
+    if session.in_nested_transaction():
+        return
     if session.info.pop(_PENDING_FLAG, False) and _notifier is not None:
         try:
             _notifier()
@@ -111,8 +128,30 @@ def _notify_after_commit(session: Session) -> None:
             log.warning("outbox.notify_failed")
 
 
+@event.listens_for(session_factory, "after_soft_rollback")
+def _forget_after_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    # A rolled-back outermost transaction took its events with it; a later
+    # commit of the same session must not announce them.
+    if previous_transaction.parent is None:
+        session.info.pop(_PENDING_FLAG, None)
+
+
 def _backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(2**attempts, 600))
+
+
+def _describe_failure(error: Exception) -> str:
+    """Name a handler failure by exception type, slug and place, never by its message."""
+    # Exception messages may quote the payload or database values (patient
+    # data); the type and the raising line are enough to find the cause.
+    description = f"{type(error).__module__}.{type(error).__qualname__}"
+    if isinstance(error, WahaError):
+        description += f" [{error.slug}]"
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames:
+        last = frames[-1]
+        description += f" at {Path(last.filename).name}:{last.lineno} in {last.name}"
+    return description[:2000]
 
 
 def drain(session: Session, *, batch_size: int, max_attempts: int) -> int:
@@ -124,25 +163,48 @@ def drain(session: Session, *, batch_size: int, max_attempts: int) -> int:
             .order_by(OutboxEventRow.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
+            # The rows are locked now; a row this session loaded earlier (before
+            # a replay, say) must not keep its stale attempts or status.
+            .execution_options(populate_existing=True)
         )
         .scalars()
         .all()
     )
     for row in rows:
+        handlers = list(_handlers.get(row.topic, []))
+        if not handlers:
+            # Nothing subscribes to this topic (yet): done, without paying a
+            # savepoint round trip per event on a large backlog.
+            row.status = DONE
+            continue
         outbox_event = OutboxEvent(row.id, row.topic, row.payload, row.request_id)
         try:
             with session.begin_nested():
-                for handler in _handlers.get(row.topic, []):
+                for handler in handlers:
                     handler(session, outbox_event)
         except Exception as error:  # noqa: BLE001 - a handler's failure is recorded, not raised
             row.attempts += 1
-            row.last_error = f"{type(error).__name__}: {error}"[:2000]
+            row.last_error = _describe_failure(error)
             if row.attempts >= max_attempts:
                 row.status = DEAD
-                log.error("outbox.dead_letter", event_id=row.id, topic=row.topic)
+                log.error(
+                    "outbox.dead_letter",
+                    event_id=row.id,
+                    topic=row.topic,
+                    attempts=row.attempts,
+                    error=type(error).__name__,
+                )
             else:
-                row.available_at = datetime.now(tz=row.created_at.tzinfo) + _backoff(row.attempts)
-                log.warning("outbox.retry_later", event_id=row.id, attempts=row.attempts)
+                # The database clock, as in the due-check above, so that API and
+                # worker hosts with skewed clocks agree on when a retry is due.
+                row.available_at = func.now() + _backoff(row.attempts)
+                log.warning(
+                    "outbox.retry_later",
+                    event_id=row.id,
+                    topic=row.topic,
+                    attempts=row.attempts,
+                    error=type(error).__name__,
+                )
         else:
             row.status = DONE
     session.flush()

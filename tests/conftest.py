@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from hub import db
+from hub import db, outbox
 from hub.app import create_app
 from hub.cli import alembic_config
 from hub.settings import Settings
@@ -98,6 +98,9 @@ def app(settings: Settings, db_engine: Engine) -> FastAPI:
     """The application under test, sharing the test's database binding."""
     application = create_app(settings)
     db.session_factory.configure(bind=db_engine)
+    # Tests that want drain requests set their own notifier; others must not
+    # queue real tasks on the shared broker, where a dev worker would run them.
+    outbox.set_notifier(None)
     return application
 
 

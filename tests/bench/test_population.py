@@ -13,6 +13,7 @@ import orjson
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
+from bench import population
 from bench.population import (
     DEMO_SEED,
     SID_NATIONAL_ID,
@@ -290,3 +291,15 @@ def test_reference_bundles_put_every_resource_in_order() -> None:
     get_fhir_model_class("Bundle").model_validate(bundles[0])
     _, visits = demo_dataset()
     assert {bundle_unit(bundle) for bundle in visits} == {"unit-01", "unit-02"}
+
+
+def test_record_numbers_of_two_populations_never_coincide() -> None:
+    units = population.make_units(2)
+    first = {
+        population.patient_profile(1, n, units=units).record_number(units[0]) for n in range(200)
+    }
+    second = {
+        population.patient_profile(2, n, units=units).record_number(units[0]) for n in range(200)
+    }
+    assert len(first) == len(second) == 200
+    assert first.isdisjoint(second)
