@@ -8,6 +8,7 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from fhir_api import reads, service
 from fhir_api.capability import capability_statement
@@ -133,6 +134,29 @@ def _page(settings: Settings, count: int | None, cursor: str | None) -> reads.Pa
     return reads.Page(count=max(0, min(size, settings.max_page_size)), cursor=cursor)
 
 
+def _history(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    *,
+    resource_type: str | None,
+    resource_id: str | None,
+    count: int | None,
+    cursor: str | None,
+    since: str | None,
+) -> Response:
+    bundle = reads.history_bundle(
+        session,
+        base_url=settings.fhir_base_url,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        since=_parse_since(since),
+        page=_page(settings, count, cursor),
+        self_link=_self_link(request, settings),
+    )
+    return fhir_response(bundle)
+
+
 CountQuery = Annotated[int | None, Query(alias="_count", ge=0)]
 CursorQuery = Annotated[str | None, Query(alias="_cursor")]
 SinceQuery = Annotated[str | None, Query(alias="_since")]
@@ -177,16 +201,16 @@ def system_history(
     since: SinceQuery = None,
 ) -> Response:
     """Answer the history of every resource."""
-    bundle = reads.history_bundle(
+    return _history(
+        request,
         session,
-        base_url=settings.fhir_base_url,
+        settings,
         resource_type=None,
         resource_id=None,
-        since=_parse_since(since),
-        page=_page(settings, count, cursor),
-        self_link=_self_link(request, settings),
+        count=count,
+        cursor=cursor,
+        since=since,
     )
-    return fhir_response(bundle)
 
 
 @router.get("/{resource_type}", response_model=None)
@@ -283,16 +307,16 @@ def type_history(
     since: SinceQuery = None,
 ) -> Response:
     """Answer the history of every resource of a type."""
-    bundle = reads.history_bundle(
+    return _history(
+        request,
         session,
-        base_url=settings.fhir_base_url,
+        settings,
         resource_type=resource_type,
         resource_id=None,
-        since=_parse_since(since),
-        page=_page(settings, count, cursor),
-        self_link=_self_link(request, settings),
+        count=count,
+        cursor=cursor,
+        since=since,
     )
-    return fhir_response(bundle)
 
 
 @router.post("/{resource_type}/_search", response_model=None)
@@ -369,16 +393,16 @@ def instance_history(
     since: SinceQuery = None,
 ) -> Response:
     """Answer every version of one resource."""
-    bundle = reads.history_bundle(
+    return _history(
+        request,
         session,
-        base_url=settings.fhir_base_url,
+        settings,
         resource_type=resource_type,
         resource_id=resource_id,
-        since=_parse_since(since),
-        page=_page(settings, count, cursor),
-        self_link=_self_link(request, settings),
+        count=count,
+        cursor=cursor,
+        since=since,
     )
-    return fhir_response(bundle)
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version_id}", response_model=None)
