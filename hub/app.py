@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_api import service as fhir_service
 from fhir_api.router import public_router as fhir_public_router
 from fhir_api.router import router as fhir_router
 from hub import db, outbox
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings)
     db.configure(settings)
     _connect_outbox_notifier()
+    fhir_service.warm_up()
     app = FastAPI(
         title="Waha",
         summary="FHIR R4 platform for mobile medical units",
