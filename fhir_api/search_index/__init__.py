@@ -21,7 +21,8 @@ tokens (`IndexValues.tokens`, deduplicated strings)
     = `param:of-type=typeSystem|typeCode|value`.
     Reference.identifier adds `encode_token(f"{param}:identifier", system, value)`.
     Token text (CodeableConcept.text, Coding.display, Identifier.type.text) is a
-    string entry under `text_param(param)` = `param:text`.
+    string entry under `text_param(param)` = `param:text`, the whole text only
+    (no per-word entries: `:text` matches from the start of the text).
 
 references (`IndexValues.references`, deduplicated `param=value`)
     Relative `Type/id` (`/_history/n` dropped); absolute URLs as given;
@@ -66,6 +67,10 @@ composites
     end) index each number under `param$k1$<component code>`, so start and end
     are not tied to the same variant. DocumentReference `relationship` is
     `relatesto$relation` (R4's swapped component expressions are corrected).
+
+_id and _lastUpdated
+    Not extracted: every row has them as columns (`fhir_resource.id`,
+    `fhir_resource.last_updated`); search uses the columns.
 
 patient_ids
     From the patient CompartmentDefinition: relative `Patient/<id>` values of

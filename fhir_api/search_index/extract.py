@@ -54,6 +54,10 @@ SKIPPED_PARAMETERS: Mapping[str, str] = {
     "Resource-query": "_query has no expression: it names a custom query operation",
     "Location-near": "near is `special`: distance search needs a geo index on "
     "Location.position latitude/longitude, not token/quantity keys",
+    # Every stored row has these as columns (fhir_resource.id, .last_updated);
+    # index entries for them would only repeat the columns on every write.
+    "Resource-id": "_id is the id column of fhir_resource",
+    "Resource-lastUpdated": "_lastUpdated is the last_updated column of fhir_resource",
 }
 
 # R4 resource types without an R4B model: ingest refuses them (DESIGN.md,
