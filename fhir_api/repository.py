@@ -121,6 +121,25 @@ def list_current_versions(
     return {(r.resource_type, r.id): (r.version_id, r.deleted) for r in rows}
 
 
+_CURRENT_DOCUMENTS = text(
+    "SELECT r.resource_type, r.id, r.last_updated, r.resource FROM fhir_resource AS r "
+    "JOIN unnest(CAST(:types AS text[]), CAST(:ids AS text[])) AS k(resource_type, id) "
+    "USING (resource_type, id) WHERE r.deleted IS false"
+)
+
+
+def list_current_documents(
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[datetime, dict[str, Any]]]:
+    """Return (last_updated, document) of each undeleted (type, id) among `keys`."""
+    if not keys:
+        return {}
+    rows = session.execute(
+        _CURRENT_DOCUMENTS, {"types": [k[0] for k in keys], "ids": [k[1] for k in keys]}
+    )
+    return {(r.resource_type, r.id): (r.last_updated, r.resource) for r in rows}
+
+
 def list_existing(session: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
     """Return which (type, id) pairs exist and are not deleted."""
     versions = list_current_versions(session, keys)

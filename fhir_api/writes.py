@@ -138,6 +138,24 @@ def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
     return keys
 
 
+def _without_server_fields(resource: JSONObject) -> JSONObject:
+    meta = {
+        key: value
+        for key, value in (resource.get("meta") or {}).items()
+        if key not in ("versionId", "lastUpdated")
+    }
+    trimmed = {key: value for key, value in resource.items() if key != "meta"}
+    if meta:
+        trimmed["meta"] = meta
+    return trimmed
+
+
+def _same_content(stored: JSONObject, incoming: JSONObject, resource_id: str) -> bool:
+    """Tell whether an update would change nothing but server-owned fields."""
+    candidate = {**incoming, "id": resource_id}
+    return _without_server_fields(stored) == _without_server_fields(candidate)
+
+
 class TransactionEngine:
     """Plan and apply a list of interactions as one all-or-nothing unit."""
 
@@ -406,6 +424,18 @@ class TransactionEngine:
             and item.target_id is not None
         ]
         current = repository.list_current_versions(self.session, keys)
+        # A PUT of unchanged content writes no version (R4 permits it), so a
+        # unit's retried update or a reloaded reference set leaves history alone.
+        updated_keys = [
+            (item.entry.resource_type, item.target_id)
+            for item in writes
+            if item.entry.method == "PUT"
+            and item.entry.resource_type is not None
+            and item.target_id is not None
+            and (item.entry.resource_type, item.target_id) in current
+            and not current[(item.entry.resource_type, item.target_id)][1]
+        ]
+        stored = repository.list_current_documents(self.session, updated_keys)
         version_writes: list[repository.VersionWrite] = []
         events: list[dict[str, Any]] = []
         results: dict[int, EntryResult] = {}
@@ -429,6 +459,22 @@ class TransactionEngine:
                 if existing[1]:
                     results[item.position] = EntryResult(204, resource_type, target_id, existing[0])
                     continue
+            unchanged = stored.get((resource_type, target_id))
+            if (
+                entry.method == "PUT"
+                and unchanged is not None
+                and entry.resource is not None
+                and _same_content(unchanged[1], entry.resource, target_id)
+            ):
+                results[item.position] = EntryResult(
+                    200,
+                    resource_type,
+                    target_id,
+                    existing[0] if existing else 1,
+                    unchanged[0],
+                    unchanged[1],
+                )
+                continue
             version = existing[0] + 1 if existing else 1
             resource: JSONObject | None = None
             index: IndexValues | None = None

@@ -273,3 +273,17 @@ def test_errors_outside_fhir_are_problem_json(client: TestClient) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["status"] == 404
+
+
+def test_update_with_unchanged_content_writes_no_version(client: TestClient) -> None:
+    created = _create(client, patient("NOOP"))
+    url = f"/fhir/Patient/{created['id']}"
+    same = {key: value for key, value in created.items() if key != "meta"}
+    again = client.put(url, json=same, headers=FHIR_JSON)
+    assert again.status_code == 200
+    assert again.headers["etag"] == 'W/"1"'
+    assert again.json()["meta"]["versionId"] == "1"
+    history = client.get(f"{url}/_history").json()
+    assert history["total"] == 1
+    changed = client.put(url, json={**same, "gender": "male"}, headers=FHIR_JSON)
+    assert changed.headers["etag"] == 'W/"2"'
