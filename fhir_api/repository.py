@@ -485,7 +485,9 @@ def list_compartment(
             select(referenced_keys.c.rt, referenced_keys.c.rid)
         ),
     )
-    union = compartment.union(referenced).subquery()
+    # Disjoint by construction (compartment rows have a compartment key, the
+    # referenced ones none), so UNION ALL: no dedupe over whole documents.
+    union = compartment.union_all(referenced).subquery()
     # The document as text: the response embeds it as is instead of decoding
     # and re-encoding every resource of a record.
     statement = select(union.c.resource_type, union.c.id, cast(union.c.resource, Text))

@@ -47,6 +47,9 @@ def make_engine(settings: Settings, *, url: str | None = None) -> Engine:
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
         echo=settings.sql_echo,
+        # JIT compilation pays off for long analytic scans, not for an API's
+        # short queries: measured 22 ms of a 77 ms $everything on 1M rows.
+        connect_args={"options": "-c jit=off"},
     )
 
 
