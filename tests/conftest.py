@@ -41,15 +41,26 @@ DATA_TABLES = (
 )
 
 
-def _database_name(worker_id: str) -> str:
-    return f"waha_test_{worker_id}"
+def _database_name(worker_id: str, run_id: str) -> str:
+    # The run id keeps concurrent test runs on one machine (two developers, a
+    # CI run beside a local one) out of each other's databases.
+    return f"waha_test_{run_id}_{worker_id}"
 
 
 @pytest.fixture(scope="session")
-def settings(worker_id: str) -> Settings:
+def run_id(request: pytest.FixtureRequest) -> str:
+    """An id shared by every xdist worker of this test run."""
+    workerinput: dict[str, Any] | None = getattr(request.config, "workerinput", None)
+    if workerinput and "testrunuid" in workerinput:
+        return str(workerinput["testrunuid"])[:10]
+    return f"p{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def settings(worker_id: str, run_id: str) -> Settings:
     """Settings of the test run: the app role on this worker's own database."""
     admin = make_url(ADMIN_URL)
-    name = _database_name(worker_id)
+    name = _database_name(worker_id, run_id)
     host, port = admin.host or "127.0.0.1", admin.port or 5432
     return Settings(
         env="test",
@@ -61,9 +72,9 @@ def settings(worker_id: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def db_engine(settings: Settings, worker_id: str) -> Iterator[Engine]:
+def db_engine(settings: Settings) -> Iterator[Engine]:
     """Create and migrate this worker's database with Alembic; drop it at the end."""
-    name = _database_name(worker_id)
+    name = str(settings.database_url).rsplit("/", 1)[1]
     admin_engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin_engine.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

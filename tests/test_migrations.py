@@ -14,8 +14,10 @@ def test_models_and_migrations_agree(settings: Settings, db_engine: object) -> N
     command.check(alembic_config(str(settings.migration_database_url)))
 
 
-def test_downgrade_to_base_and_upgrade_again(settings: Settings, worker_id: str) -> None:
-    name = f"waha_migrations_{worker_id}"
+def test_downgrade_to_base_and_upgrade_again(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    name = f"waha_migrations_{run_id}_{worker_id}"
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
