@@ -1,4 +1,4 @@
-"""The development stack behind `make run`: local S3, API and worker, stopped together."""
+"""The dev stack behind `make run`: local S3, OIDC issuer, API and worker, stopped together."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -79,7 +80,32 @@ def _stop(children: list[subprocess.Popen[bytes]], *, grace_seconds: float = 20)
             child.wait(timeout=5)
 
 
-def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
+def token_help(issuer_url: str, token_commands: Sequence[tuple[str, str]], api_port: int) -> str:
+    """Return the lines that tell how to get a token for each demo user and unit."""
+    if not token_commands:
+        return ""
+    lines = [
+        f"  OIDC issuer   {issuer_url}",
+        "  Tokens        one curl per demo account (append | jq -r .access_token):",
+    ]
+    for label, command in token_commands:
+        lines += [f"    {label}", f"      {command}"]
+    lines.append(
+        f'  Use one       curl -H "Authorization: Bearer $TOKEN" '
+        f"http://127.0.0.1:{api_port}/fhir/metadata"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    *,
+    api_port: int,
+    s3_port: int,
+    load_demo: bool,
+    issuer_port: int = 8080,
+    realm_name: str = "waha",
+    token_commands: Sequence[tuple[str, str]] = (),
+) -> None:
     """Start every dev process, load demo data, print where things are, wait for Ctrl-C."""
     if _port_open(api_port):
         # Another server answering there would pass the health check and receive
@@ -93,6 +119,10 @@ def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
     # process of the stack must agree on where the API and S3 are.
     env["WAHA_S3_ENDPOINT"] = f"127.0.0.1:{s3_port}"
     env["WAHA_PUBLIC_BASE_URL"] = f"http://127.0.0.1:{api_port}"
+    issuer_url = f"http://127.0.0.1:{issuer_port}/realms/{realm_name}"
+    # The API must expect the issuer this stack uses, whichever port it is on.
+    env["WAHA_OIDC_ISSUER"] = issuer_url
+    env["WAHA_OIDC_INTERNAL_URL"] = issuer_url
     state = Path("var")
     state.mkdir(exist_ok=True)
     children: list[subprocess.Popen[bytes]] = []
@@ -116,6 +146,21 @@ def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
                 "127.0.0.1",
                 "-p",
                 str(s3_port),
+            )
+        discovery = f"{issuer_url}/.well-known/openid-configuration"
+        if _port_open(issuer_port):
+            # Keycloak from docker-compose, or a dev issuer left running: use it.
+            print(f"waha: something already answers on 127.0.0.1:{issuer_port}; using it as issuer")
+        else:
+            start(
+                "dev OIDC issuer",
+                str(BIN / "uvicorn"),
+                "auth.dev_issuer.app:create_issuer_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(issuer_port),
             )
         start(
             "API",
@@ -145,6 +190,9 @@ def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
         )
         if not _wait_http(f"http://127.0.0.1:{api_port}/healthz", 60):
             raise SystemExit("waha: the API did not come up; see its log above")
+        issuer_note = ""
+        if not _wait_http(discovery, 30):
+            issuer_note = f"  OIDC issuer   NOT answering at {discovery}\n"
         demo_note = ""
         if load_demo:
             loaded = subprocess.run([str(BIN / "waha"), "load-demo"], env=env, check=False)  # noqa: S603
@@ -160,6 +208,7 @@ def run(*, api_port: int, s3_port: int, load_demo: bool) -> None:
             f"  API docs      http://127.0.0.1:{api_port}/docs\n"
             f"  Local S3      http://127.0.0.1:{s3_port}\n"
             f"  Worker        Celery on {env.get('WAHA_REDIS_URL', 'redis://127.0.0.1:6379/0')}\n"
+            f"{issuer_note or token_help(issuer_url, token_commands, api_port)}"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
@@ -43,6 +44,20 @@ class Settings(BaseSettings):
 
     outbox_batch_size: int = 200
     outbox_max_attempts: int = 8
+
+    # OpenID Connect (DESIGN.md "OIDC issuer"): tokens must carry `oidc_issuer`
+    # as `iss`; discovery and keys are fetched from `oidc_internal_url`, which
+    # differs inside docker-compose (http://keycloak:8080/realms/waha).
+    oidc_issuer: str = "http://127.0.0.1:8080/realms/waha"
+    oidc_internal_url: str = "http://127.0.0.1:8080/realms/waha"
+    oidc_audience: str = "waha-api"
+    # Clock skew tolerated on exp/nbf, and the shortest pause between two JWKS
+    # fetches triggered by unknown key ids (a flood of made-up kids must not
+    # turn into a flood of requests to the issuer).
+    oidc_leeway_seconds: int = 30
+    oidc_jwks_refetch_seconds: float = 10.0
+    # Where the embedded dev issuer keeps its signing keys across restarts.
+    dev_issuer_data_dir: Path = Path("var/dev-issuer")
 
     log_json: bool = True
     sql_echo: bool = False

@@ -1,0 +1,1 @@
+"""Identity and access: bearer-token validation and the embedded dev OIDC issuer."""

@@ -1,0 +1,42 @@
+"""Errors of token validation, mapped to 401/503 by hub's error handlers."""
+
+from __future__ import annotations
+
+from hub.errors import WahaError
+
+
+class MissingToken(WahaError):
+    """The request carries no bearer token."""
+
+    status = 401
+    issue_code = "login"
+    slug = "missing-token"
+
+    def __init__(self, detail: str = "a bearer token is required") -> None:
+        super().__init__(detail)
+        # RFC 6750 §3.1: no error code when the request had no credentials at all.
+        self.headers["WWW-Authenticate"] = 'Bearer realm="waha"'
+
+
+class InvalidToken(WahaError):
+    """The bearer token is malformed, forged, expired or meant for someone else."""
+
+    status = 401
+    issue_code = "login"
+    slug = "invalid-token"
+
+    def __init__(self, detail: str = "the bearer token is not valid") -> None:
+        super().__init__(detail)
+        # The description is a fixed reason ("expired", "wrong issuer"), never token content.
+        reason = detail.replace('"', "'")
+        self.headers["WWW-Authenticate"] = (
+            f'Bearer realm="waha", error="invalid_token", error_description="{reason}"'
+        )
+
+
+class IssuerUnavailable(WahaError):
+    """The token issuer's keys cannot be fetched, so no token can be checked."""
+
+    status = 503
+    issue_code = "transient"
+    slug = "issuer-unavailable"
