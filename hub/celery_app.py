@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 
 import structlog
 from celery import Celery, Task, shared_task
@@ -18,6 +19,9 @@ from hub.settings import Settings, get_settings
 log = structlog.get_logger()
 
 DRAIN_TASK = "hub.drain_outbox"
+PURGE_TASK = "hub.purge_outbox"
+PURGE_INTERVAL_SECONDS = 3600.0
+PURGE_BATCH = 5_000
 _last_enqueue = 0.0
 # At most one drain request per interval from a process; the periodic drain
 # covers whatever a skipped request would have delivered.
@@ -48,6 +52,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # wrap each of them in a second, WARNING-level log line.
         worker_redirect_stdouts=False,
         beat_schedule={
+            "purge-outbox": {
+                "task": PURGE_TASK,
+                "schedule": PURGE_INTERVAL_SECONDS,
+                "options": {"expires": PURGE_INTERVAL_SECONDS},
+            },
             "drain-outbox": {
                 "task": DRAIN_TASK,
                 "schedule": PERIODIC_DRAIN_SECONDS,
@@ -128,3 +137,24 @@ def drain_outbox(self: Task) -> int:  # type: ignore[type-arg]  # Task is generi
     if handled:
         log.info("hub.outbox_drained", events=handled)
     return handled
+
+
+@shared_task(name=PURGE_TASK, acks_late=True, ignore_result=True)
+def purge_outbox() -> int:
+    """Remove delivered outbox events past their retention, in short batches."""
+    settings = get_settings()
+    _ensure_database()
+    purged = 0
+    while True:
+        with db.session_scope() as session:
+            count = outbox.purge_delivered(
+                session,
+                older_than=timedelta(hours=settings.outbox_retention_hours),
+                limit=PURGE_BATCH,
+            )
+        purged += count
+        if count < PURGE_BATCH:
+            break
+    if purged:
+        log.info("hub.outbox_purged", events=purged)
+    return purged

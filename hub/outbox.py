@@ -220,3 +220,21 @@ def replay_dead(session: Session) -> int:
         )
     )
     return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult has rowcount
+
+
+def purge_delivered(session: Session, *, older_than: timedelta, limit: int) -> int:
+    """Delete up to `limit` delivered events older than `older_than`; return how many.
+
+    Delivered events are kept a while for tracing, then removed so the table stays
+    the size of the backlog; dead letters are never purged (they wait for replay).
+    """
+    result = session.execute(
+        text(
+            "DELETE FROM outbox_event WHERE id IN ("
+            "SELECT id FROM outbox_event WHERE status = 'done' "
+            "AND created_at < now() - make_interval(secs => :seconds) "
+            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)"
+        ),
+        {"seconds": older_than.total_seconds(), "limit": limit},
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult has rowcount

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     outbox_batch_size: int = 200
     outbox_max_attempts: int = 8
+    # Delivered outbox events are kept this long for tracing, then purged.
+    outbox_retention_hours: float = 72.0
 
     # OpenID Connect (DESIGN.md "OIDC issuer"): tokens must carry `oidc_issuer`
     # as `iss`; discovery and keys are fetched from `oidc_internal_url`, which

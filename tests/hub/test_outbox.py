@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -330,3 +331,33 @@ def test_notifier_fires_after_an_api_transaction(
     )
     assert response.status_code == 200, response.text
     assert notifications == ["drain"]
+
+
+def test_purge_removes_only_old_delivered_events(session: Session) -> None:
+    outbox.add_events(session, "test.purge", [{"n": n} for n in range(4)], request_id=None)
+    session.flush()
+    session.execute(
+        text(
+            "UPDATE outbox_event SET status = CASE WHEN payload->>'n' = '3' THEN 'dead' "
+            "ELSE 'done' END, created_at = now() - interval '10 days' WHERE topic = 'test.purge'"
+        )
+    )
+    session.execute(
+        text(
+            "UPDATE outbox_event SET created_at = now() WHERE topic = 'test.purge' "
+            "AND payload->>'n' = '2'"
+        )
+    )
+    purged = outbox.purge_delivered(session, older_than=timedelta(days=3), limit=100)
+    assert purged == 2
+    left = session.execute(
+        text("SELECT payload->>'n', status FROM outbox_event WHERE topic = 'test.purge' ORDER BY 1")
+    ).all()
+    assert [tuple(row) for row in left] == [("2", "done"), ("3", "dead")]
+
+
+def test_purge_task_is_scheduled_and_runs(session: Session) -> None:
+    from hub.celery_app import PURGE_TASK, celery_app, purge_outbox
+
+    assert celery_app.conf.beat_schedule["purge-outbox"]["task"] == PURGE_TASK
+    assert purge_outbox.apply().get() == 0
