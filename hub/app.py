@@ -16,6 +16,8 @@ from hub import db, outbox
 from hub.errors import install_error_handlers
 from hub.logging import configure_logging
 from hub.settings import Settings, get_settings
+from imaging_store import service as imaging_service
+from imaging_store.router import router as imaging_router
 
 log = structlog.get_logger()
 
@@ -94,7 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(fhir_public_router)
+    # Before fhir_api's generic /fhir/{type} routes, which would match Binary too.
+    app.include_router(imaging_router)
     app.include_router(fhir_router)
+    # The bucket is made now if the store answers; if not, on first use.
+    imaging_service.prepare_storage(settings)
     return app
 
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     s3_access_key: str = "waha"
     s3_secret_key: SecretStr = SecretStr(DEV_PLACEHOLDER)
     s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "waha-binaries"
 
     # Ingest limits (DESIGN.md "Ingest rules"); beyond them the API answers 413.
     max_json_body_bytes: int = 32 * 1024 * 1024

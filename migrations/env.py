@@ -7,6 +7,7 @@ from sqlalchemy import create_engine, pool
 
 import fhir_api.models  # noqa: F401 - registers the record store's tables
 import hub.outbox  # noqa: F401 - registers the outbox table
+import imaging_store.models  # noqa: F401 - registers the imaging store's table
 from hub.db import Base
 from hub.settings import get_settings
 

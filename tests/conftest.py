@@ -38,6 +38,7 @@ DATA_TABLES = (
     "fhir_search_uri",
     "fhir_bundle_receipt",
     "outbox_event",
+    "binary_object",
 )
 
 

@@ -1,0 +1,423 @@
+"""Rules of the imaging store: receive, verify, sniff, store and serve Binary content.
+
+Every Binary has two records: its bytes in object storage, and a Binary
+resource without `data` (contentType, securityContext, meta) written through
+`fhir_api.service`, so that read, vread, history, search and references work
+like any other resource, plus a `binary_object` row saying where the bytes
+are and what they hash to. The row and the resource are flushed before the
+object is written, and the request's transaction commits only after the
+object is stored: an outage of either store leaves no row without object. A
+commit that fails after the object was written leaves an object without row
+under `binaries/`; the orphan sweep (later) removes keys older than a grace
+period that have no row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from sqlalchemy.orm import Session
+
+from fhir_api import service as fhir_service
+from fhir_api.context import RequestContext
+from fhir_api.writes import EntryRequest, WriteSettings
+from hub.settings import Settings
+from imaging_store import repository
+from imaging_store.errors import (
+    BinaryNotFound,
+    BinaryTooLarge,
+    ContentDigestMismatch,
+    InvalidBinary,
+    InvalidContentDigest,
+    StorageUnavailable,
+)
+from imaging_store.models import BinaryObjectRow
+from imaging_store.sniffing import HEAD_BYTES, sniff_content_type
+from imaging_store.storage import (
+    BinaryStorage,
+    ObjectMissing,
+    StorageConfig,
+    object_key,
+    storage_for,
+)
+
+log = structlog.get_logger()
+
+JSONObject = dict[str, Any]
+# Spooled uploads stay in memory up to this size, then go to a temporary file,
+# so concurrent 25 MB uploads do not each hold 25 MB of RAM.
+SPOOL_MEMORY_BYTES = 1024 * 1024
+# RFC 9530 algorithms Waha verifies, by their registered names.
+_DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512"}
+_DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9_\-*.]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who uploads or reads; filled from the request (and later by auth)."""
+
+    client_id: str
+    author: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBinary:
+    """What an upload produced."""
+
+    id: str
+    version_id: int
+    last_updated: datetime
+    content_type: str
+    size: int
+    resource: JSONObject
+
+
+@dataclass(slots=True)
+class BinaryDownload:
+    """An open Binary: its metadata and an iterator over its bytes (or its JSON)."""
+
+    id: str
+    version_id: int
+    last_updated: datetime
+    content_type: str
+    size: int
+    chunks: Iterator[bytes]
+
+
+def storage_config(settings: Settings) -> StorageConfig:
+    """Return where the settings say the object store is."""
+    return StorageConfig(
+        endpoint=settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        bucket=settings.s3_bucket,
+    )
+
+
+def binary_storage(settings: Settings) -> BinaryStorage:
+    """Return the process's object-store client for these settings."""
+    return storage_for(storage_config(settings))
+
+
+def prepare_storage(settings: Settings) -> None:
+    """Create the bucket at start; if the store is down, log it and retry on first use."""
+    try:
+        binary_storage(settings).ensure_bucket()
+    except StorageUnavailable:
+        log.warning("imaging_store.bucket_deferred", bucket=settings.s3_bucket)
+
+
+def parse_content_digest(header: str | None) -> dict[str, bytes]:
+    """Return the digests of an RFC 9530 `Content-Digest` header that Waha verifies."""
+    if header is None:
+        return {}
+    wanted: dict[str, bytes] = {}
+    for member in header.split(","):
+        match = _DIGEST_MEMBER.match(member)
+        if match is None:
+            raise InvalidContentDigest("Content-Digest must be like sha-256=:<base64>:")
+        algorithm, encoded = match.group(1).lower(), match.group(2)
+        if algorithm not in _DIGEST_ALGORITHMS:
+            continue
+        try:
+            wanted[algorithm] = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise InvalidContentDigest(f"Content-Digest {algorithm} is not base64") from None
+    if not wanted:
+        raise InvalidContentDigest("Content-Digest names no algorithm Waha verifies (sha-256)")
+    return wanted
+
+
+class MessageDigests:
+    """Hash an HTTP body as it arrives and compare it with its Content-Digest."""
+
+    def __init__(self, wanted: dict[str, bytes]) -> None:
+        self.wanted = wanted
+        self._hashes = {name: hashlib.new(_DIGEST_ALGORITHMS[name]) for name in wanted}
+
+    def feed(self, chunk: bytes) -> None:
+        """Hash one received chunk."""
+        for digest in self._hashes.values():
+            digest.update(chunk)
+
+    def verify(self) -> None:
+        """Raise ContentDigestMismatch unless every announced digest matches."""
+        for name, expected in self.wanted.items():
+            if self._hashes[name].digest() != expected:
+                raise ContentDigestMismatch(f"the content does not match its Content-Digest {name}")
+
+
+class BinaryContent:
+    """The bytes of one Binary, spooled, hashed, size-checked and text-checked as they arrive."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(
+            max_size=SPOOL_MEMORY_BYTES
+        )
+        self._sha256 = hashlib.sha256()
+        self._sha1 = hashlib.sha1(usedforsecurity=False)
+        self._head = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._valid_text = True
+
+    def feed(self, chunk: bytes) -> None:
+        """Take one chunk; refuse the whole content as soon as it is over the limit."""
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise BinaryTooLarge(f"the content is over the {self.limit}-byte limit")
+        self.file.write(chunk)
+        self._sha256.update(chunk)
+        self._sha1.update(chunk)
+        if len(self._head) < HEAD_BYTES:
+            self._head += chunk[: HEAD_BYTES - len(self._head)]
+        if self._valid_text:
+            try:
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self._valid_text = False
+            else:
+                self._valid_text = b"\x00" not in chunk
+
+    @property
+    def head(self) -> bytes:
+        """Return the leading bytes the type sniffers look at."""
+        return bytes(self._head)
+
+    @property
+    def valid_text(self) -> bool:
+        """Tell whether the whole content is UTF-8 without NUL."""
+        if not self._valid_text:
+            return False
+        try:
+            self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    @property
+    def sha256(self) -> bytes:
+        """Return the SHA-256 of the content."""
+        return self._sha256.digest()
+
+    @property
+    def sha1(self) -> bytes:
+        """Return the SHA-1 of the content (R4 Attachment.hash)."""
+        return self._sha1.digest()
+
+    def close(self) -> None:
+        """Free the spool."""
+        self.file.close()
+
+
+def binary_from_json(document: Any, *, limit: int) -> tuple[JSONObject, BinaryContent]:
+    """Split a FHIR JSON Binary into its resource (without data) and its decoded bytes."""
+    if not isinstance(document, dict) or document.get("resourceType") != "Binary":
+        raise InvalidBinary("POST /fhir/Binary as FHIR JSON takes a Binary resource")
+    data = document.get("data")
+    if not isinstance(data, str) or not data:
+        raise InvalidBinary("Binary.data must carry the content as base64")
+    # 4 base64 characters make 3 bytes: refuse before decoding what is too big.
+    if len(data) // 4 * 3 > limit + 2:
+        raise BinaryTooLarge(f"the content is over the {limit}-byte limit")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise InvalidBinary("Binary.data is not valid base64") from None
+    content = BinaryContent(limit=limit)
+    try:
+        content.feed(decoded)
+    except BinaryTooLarge:
+        content.close()
+        raise
+    # Everything but the bytes goes to the record store, whose validator
+    # refuses unknown elements with their path; contentType is re-sniffed.
+    resource = {key: value for key, value in document.items() if key != "data"}
+    return resource, content
+
+
+def record_upload(
+    session: Session,
+    *,
+    storage: BinaryStorage,
+    content: BinaryContent,
+    caller: Caller,
+    base_url: str,
+    enforce_referential_integrity: bool,
+    security_context: str | None = None,
+    resource: JSONObject | None = None,
+) -> StoredBinary:
+    """Store one uploaded Binary: sniff its type, write its records, then its object."""
+    content_type = sniff_content_type(content.head, valid_text=content.valid_text)
+    binary_id = str(uuid.uuid4())
+    document: JSONObject = {
+        key: value for key, value in (resource or {}).items() if key not in ("id", "data")
+    }
+    document.update(resourceType="Binary", id=binary_id, contentType=content_type)
+    if security_context is not None and "securityContext" not in document:
+        document["securityContext"] = {"reference": security_context}
+    context_reference = (document.get("securityContext") or {}).get("reference")
+    row = repository.add_binary_object(
+        session,
+        BinaryObjectRow(
+            id=binary_id,
+            content_type=content_type,
+            size=content.size,
+            sha256=content.sha256,
+            sha1=content.sha1,
+            object_key=object_key(binary_id),
+            # Access hook: the owner decides who may read until a Media or
+            # DocumentReference in a patient's compartment references it.
+            owner_client_id=caller.client_id,
+            security_context=context_reference if isinstance(context_reference, str) else None,
+        ),
+    )
+    result = fhir_service.run_interaction(
+        session,
+        EntryRequest(
+            method="PUT", resource_type="Binary", resource_id=binary_id, resource=document
+        ),
+        context=RequestContext(
+            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
+        ),
+        settings=WriteSettings(
+            base_url=base_url, enforce_referential_integrity=enforce_referential_integrity
+        ),
+    )
+    content.file.seek(0)
+    storage.put(row.object_key, content.file, length=content.size, content_type=content_type)
+    assert result.version_id is not None and result.last_updated is not None  # noqa: S101
+    log.info(
+        "imaging_store.binary_stored",
+        binary_id=binary_id,
+        content_type=content_type,
+        size=content.size,
+        client_id=caller.client_id,
+    )
+    return StoredBinary(
+        id=binary_id,
+        version_id=result.version_id,
+        last_updated=result.last_updated,
+        content_type=content_type,
+        size=content.size,
+        resource=result.resource or document,
+    )
+
+
+def _current_binary(
+    session: Session, *, binary_id: str, caller: Caller, base_url: str
+) -> tuple[JSONObject, int, datetime, BinaryObjectRow]:
+    # The Binary resource decides existence (404 absent, 410 deleted), so a
+    # deletion through any FHIR path hides the bytes too.
+    result = fhir_service.run_interaction(
+        session,
+        EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
+        context=RequestContext(
+            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
+        ),
+        settings=WriteSettings(base_url=base_url),
+    )
+    row = repository.get_binary_object(session, binary_id)
+    if row is None or row.deleted_at is not None or result.resource is None:
+        raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
+    # Access hook: ownership (the uploading client, then the patient's record
+    # once a Media references it) is enforced here when auth is wired.
+    assert result.version_id is not None and result.last_updated is not None  # noqa: S101
+    return result.resource, result.version_id, result.last_updated, row
+
+
+def _open_object(storage: BinaryStorage, row: BinaryObjectRow) -> Iterator[bytes]:
+    try:
+        return storage.open(row.object_key)
+    except ObjectMissing:
+        # The row outlived its object (a dev S3 restarted, a purge raced a
+        # read): nothing to serve; the log says which, for an operator.
+        log.error("imaging_store.object_missing", binary_id=row.id)
+        raise BinaryNotFound(f"Binary/{row.id} has no stored content") from None
+
+
+def open_binary(
+    session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
+) -> BinaryDownload:
+    """Open a Binary's bytes for streaming, as stored."""
+    _, version_id, last_updated, row = _current_binary(
+        session, binary_id=binary_id, caller=caller, base_url=base_url
+    )
+    return BinaryDownload(
+        id=row.id,
+        version_id=version_id,
+        last_updated=last_updated,
+        content_type=row.content_type,
+        size=row.size,
+        chunks=_open_object(storage, row),
+    )
+
+
+def open_binary_resource(
+    session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
+) -> BinaryDownload:
+    """Open a Binary as FHIR JSON, its `data` base64-encoded while streaming."""
+    resource, version_id, last_updated, row = _current_binary(
+        session, binary_id=binary_id, caller=caller, base_url=base_url
+    )
+    chunks = _open_object(storage, row)
+    return BinaryDownload(
+        id=row.id,
+        version_id=version_id,
+        last_updated=last_updated,
+        content_type="application/fhir+json",
+        size=row.size,
+        chunks=_json_with_data(resource, chunks),
+    )
+
+
+def _json_with_data(resource: JSONObject, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Yield `resource` as JSON with `data` appended, base64-encoding the bytes piecewise."""
+    # Base64 of a multiple of 3 bytes has no padding, so pieces concatenate
+    # into the encoding of the whole; the object never sits whole in memory.
+    without_data = {key: value for key, value in resource.items() if key != "data"}
+    opening = orjson.dumps(without_data)
+    yield opening[:-1] + b',"data":"'
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        cut = len(pending) - len(pending) % 3
+        if cut:
+            yield base64.b64encode(pending[:cut])
+            pending = pending[cut:]
+    yield base64.b64encode(pending) + b'"}'
+
+
+def delete_binary(
+    session: Session, *, binary_id: str, caller: Caller, base_url: str
+) -> tuple[int | None, datetime | None]:
+    """Delete a Binary: the resource gets a deleted version, the row a deletion time.
+
+    The object stays until the retention purge removes it (issue 6, later).
+    """
+    result = fhir_service.run_interaction(
+        session,
+        EntryRequest(method="DELETE", resource_type="Binary", resource_id=binary_id),
+        context=RequestContext(
+            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
+        ),
+        settings=WriteSettings(base_url=base_url),
+    )
+    repository.delete_binary_object(session, binary_id, at=datetime.now(UTC))
+    return result.version_id, result.last_updated

@@ -1,0 +1,202 @@
+"""The object store behind Binary: a thin wrapper over the minio SDK.
+
+Keys are `binaries/<uuid>` and carry no patient data. Calls fail fast (short
+connect timeout, one retry) because a unit waiting on a dead store should get
+503 and retry later, not hang for the SDK's default five minutes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, BinaryIO, cast
+
+import structlog
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+from minio.sse import SseS3
+
+from imaging_store.errors import StorageUnavailable
+
+log = structlog.get_logger()
+
+KEY_PREFIX = "binaries/"
+STREAM_CHUNK_BYTES = 64 * 1024
+# S3 error codes by which a backend says it cannot encrypt at rest (MinIO
+# without a KMS answers NotImplemented; others refuse the header).
+_SSE_REFUSED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "KMS.NotConfigured"}
+_TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError, MinioException)
+
+
+class ObjectMissing(Exception):
+    """The store has no object under the key (the row outlived its object)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Where the object store is and how to reach it."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool
+    region: str
+    bucket: str
+    connect_timeout_seconds: float = 3.0
+    read_timeout_seconds: float = 60.0
+
+
+def object_key(binary_id: str) -> str:
+    """Return the object key of a Binary: its id only, never patient data."""
+    return f"{KEY_PREFIX}{binary_id}"
+
+
+class BinaryStorage:
+    """Put, stream and remove Binary objects in one bucket."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(
+                connect=config.connect_timeout_seconds, read=config.read_timeout_seconds
+            ),
+            maxsize=20,
+            retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+        )
+        # The region is given so the SDK does not ask the store for the
+        # bucket's location before every first call.
+        self.client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=http,
+        )
+        self._lock = threading.Lock()
+        self._bucket_ready = False
+        # None until the first write tells whether the backend encrypts at rest.
+        self.encrypts_at_rest: bool | None = None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (idempotent); raise if the store is down."""
+        if self._bucket_ready:
+            return
+        with self._lock:
+            if self._bucket_ready:
+                return
+            try:
+                if not self.client.bucket_exists(self.config.bucket):
+                    try:
+                        self.client.make_bucket(self.config.bucket)
+                    except S3Error as error:
+                        # Another API process created it between the two calls.
+                        if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                            raise
+                    log.info("imaging_store.bucket_created", bucket=self.config.bucket)
+            except _TRANSPORT_ERRORS as error:
+                raise self._unavailable(error, "ensure_bucket") from None
+            self._bucket_ready = True
+
+    def put(self, key: str, data: IO[bytes], *, length: int, content_type: str) -> None:
+        """Store `length` bytes from `data` under `key`, encrypted at rest where supported."""
+        self.ensure_bucket()
+        start = data.tell()
+        if self.encrypts_at_rest is not False:
+            try:
+                self._put(key, data, length, content_type, encrypt=True)
+            except S3Error as error:
+                if error.code not in _SSE_REFUSED_CODES:
+                    raise self._unavailable(error, "put_object") from None
+                # The backend cannot encrypt at rest (moto, MinIO without a KMS):
+                # store in clear rather than refuse every upload, and say so once.
+                log.warning(
+                    "imaging_store.encryption_unsupported",
+                    bucket=self.config.bucket,
+                    code=error.code,
+                )
+                self.encrypts_at_rest = False
+                data.seek(start)
+            except _TRANSPORT_ERRORS as error:
+                raise self._unavailable(error, "put_object") from None
+            else:
+                self.encrypts_at_rest = True
+                return
+        try:
+            self._put(key, data, length, content_type, encrypt=False)
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "put_object") from None
+
+    def _put(
+        self, key: str, data: IO[bytes], length: int, content_type: str, *, encrypt: bool
+    ) -> None:
+        self.client.put_object(
+            self.config.bucket,
+            key,
+            # The SDK only calls read(); a spooled temporary file is typed IO[bytes].
+            cast(BinaryIO, data),
+            length,
+            content_type=content_type,
+            sse=SseS3() if encrypt else None,
+        )
+
+    def open(self, key: str) -> Iterator[bytes]:
+        """Start reading an object; return an iterator over its bytes in chunks.
+
+        The store is contacted before this returns, so an outage surfaces as
+        StorageUnavailable here rather than as a broken response stream.
+        """
+        try:
+            response = self.client.get_object(self.config.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectMissing(key) from None
+            raise self._unavailable(error, "get_object") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "get_object") from None
+        return _stream(response)
+
+    def exists(self, key: str) -> bool:
+        """Tell whether an object is stored under `key`."""
+        try:
+            self.client.stat_object(self.config.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._unavailable(error, "stat_object") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "stat_object") from None
+        return True
+
+    def _unavailable(self, error: Exception, operation: str) -> StorageUnavailable:
+        # The error's text may hold the endpoint, never patient data; log the type.
+        log.warning(
+            "imaging_store.storage_unavailable",
+            operation=operation,
+            error=type(error).__name__,
+            code=getattr(error, "code", None),
+        )
+        return StorageUnavailable("object storage is unavailable; retry later")
+
+
+def _stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    try:
+        yield from response.stream(STREAM_CHUNK_BYTES)
+    finally:
+        response.close()
+        response.release_conn()
+
+
+_storages: dict[StorageConfig, BinaryStorage] = {}
+_storages_lock = threading.Lock()
+
+
+def storage_for(config: StorageConfig) -> BinaryStorage:
+    """Return the process's client for `config` (one connection pool per store)."""
+    with _storages_lock:
+        storage = _storages.get(config)
+        if storage is None:
+            storage = _storages[config] = BinaryStorage(config)
+        return storage
