@@ -4,22 +4,40 @@ from __future__ import annotations
 
 from functools import cache
 
+from fhir_api.search.parser import UNINDEXED
 from fhir_api.search_index import search_parameters_for
 from fhir_api.validation import JSONObject, supported_resource_types
 
-INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
+INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
 
 
 @cache
 def capability_statement(base_url: str, software_version: str) -> JSONObject:
     """Describe the server's REST interface for /fhir/metadata."""
     resources: list[JSONObject] = []
+    revincludes: dict[str, list[str]] = {}
+    for source in sorted(supported_resource_types()):
+        for code, info in search_parameters_for(source).items():
+            if info.type == "reference":
+                for target in info.targets:
+                    revincludes.setdefault(target, []).append(f"{source}:{code}")
     for resource_type in sorted(supported_resource_types()):
+        parameters = sorted(search_parameters_for(resource_type).items())
         search_params = [
             {"name": code, "type": info.type}
-            for code, info in sorted(search_parameters_for(resource_type).items())
-            if info.type != "special"
+            for code, info in parameters
+            if info.type != "special" and code not in UNINDEXED
         ]
+        references = [code for code, info in parameters if info.type == "reference"]
         entry: JSONObject = {
             "type": resource_type,
             "interaction": [{"code": code} for code in INTERACTIONS],
@@ -30,6 +48,8 @@ def capability_statement(base_url: str, software_version: str) -> JSONObject:
             "conditionalUpdate": True,
             "conditionalDelete": "single",
             "referencePolicy": ["literal", "logical", "local", "enforced"],
+            "searchInclude": ["*", *(f"{resource_type}:{code}" for code in references)],
+            "searchRevInclude": sorted(revincludes.get(resource_type, ())),
             "searchParam": search_params,
         }
         if resource_type == "Patient":
@@ -57,6 +77,12 @@ def capability_statement(base_url: str, software_version: str) -> JSONObject:
                     {"code": "transaction"},
                     {"code": "batch"},
                     {"code": "history-system"},
+                    {"code": "search-system"},
+                ],
+                "searchParam": [
+                    {"name": "_type", "type": "token"},
+                    {"name": "_id", "type": "token"},
+                    {"name": "_lastUpdated", "type": "date"},
                 ],
             }
         ],

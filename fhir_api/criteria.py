@@ -1,25 +1,29 @@
 """Search criteria of conditional interactions (If-None-Exist, conditional update,
 delete and references), evaluated in SQL and against a bundle's own new resources.
 
-The full search API builds on the same index encodings; this module covers what
-conditional operations need: `_id`, token, reference, string and uri parameters.
+Parsing and SQL are the search API's (`fhir_api.search`); this module keeps the
+flat form the write engine needs: token keys for its fast path, and the kinds
+it can also evaluate in memory against resources of the same bundle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
 from urllib.parse import parse_qsl
 
-from fhir_api import repository
 from fhir_api.errors import UnsupportedSearch
-from fhir_api.search_index import IndexValues, normalize_string, search_parameters_for
+from fhir_api.search import parser
+from fhir_api.search_index import IndexValues
 
 # Result-shaping parameters that do not narrow which resources match.
 IGNORED_PARAMETERS = frozenset({"_format", "_pretty", "_summary", "_elements", "_count", "_sort"})
 
-Kind = Literal["id", "token", "reference", "string", "string-exact", "uri"]
+# "search": only SQL can evaluate it (dates, numbers, chains...), not a bundle's new resources.
+Kind = Literal["id", "token", "reference", "string", "string-exact", "uri", "search"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +33,7 @@ class Criterion:
     kind: Kind
     param: str
     keys: tuple[str, ...]
+    search: parser.Criterion
 
 
 def normalized_query(query: str) -> str:
@@ -37,115 +42,40 @@ def normalized_query(query: str) -> str:
     return "&".join(f"{name}={value}" for name, value in pairs)
 
 
-def _split_values(raw: str) -> list[str]:
-    # A comma separates alternatives unless escaped as \, (R4 search, "Escaping").
-    parts: list[str] = []
-    current = ""
-    escaped = False
-    for char in raw:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def _local_reference(value: str, base_url: str) -> str:
-    if value.startswith(base_url + "/"):
-        return value[len(base_url) + 1 :]
-    return value
-
-
 def parse_criteria(resource_type: str, query: str, *, base_url: str) -> list[Criterion]:
     """Parse a conditional query for `resource_type`; raise on what cannot be evaluated."""
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not pairs:
-        raise UnsupportedSearch("a conditional interaction needs at least one search parameter")
-    parameters = search_parameters_for(resource_type)
-    criteria: list[Criterion] = []
-    for name, raw in pairs:
-        code, _, modifier = name.partition(":")
-        if code in IGNORED_PARAMETERS:
-            continue
-        values = _split_values(raw)
-        if code == "_id":
-            criteria.append(Criterion("id", code, tuple(values)))
-            continue
-        info = parameters.get(code)
-        if info is None:
-            raise UnsupportedSearch(f"unknown search parameter {code!r} for {resource_type}")
-        if info.type == "token" and modifier in ("", "of-type"):
-            param = code if not modifier else f"{code}:of-type"
-            criteria.append(Criterion("token", code, tuple(f"{param}={v}" for v in values)))
-        elif (
-            info.type == "reference"
-            and modifier in ("", "identifier")
-            or (info.type == "reference" and modifier in info.targets)
-        ):
-            criteria.append(_reference_criterion(code, modifier, values, info.targets, base_url))
-        elif info.type == "string" and modifier in ("", "exact"):
-            if modifier == "exact":
-                criteria.append(Criterion("string-exact", code, tuple(values)))
-            else:
-                keys = tuple(normalize_string(v) for v in values)
-                criteria.append(Criterion("string", code, keys))
-        elif info.type == "uri" and modifier == "":
-            criteria.append(Criterion("uri", code, tuple(values)))
-        else:
-            raise UnsupportedSearch(
-                f"parameter {name!r} ({info.type}) is not supported in conditional criteria"
-            )
+    pairs = [
+        (name, value)
+        for name, value in parse_qsl(query, keep_blank_values=True)
+        if name.partition(":")[0] not in IGNORED_PARAMETERS
+    ]
+    shaping = [name for name, _ in pairs if name.partition(":")[0] in parser.RESULT_PARAMETERS]
+    if shaping:
+        raise UnsupportedSearch(f"{shaping[0]!r} has no meaning in conditional criteria")
+    parsed = parser.parse_search([resource_type], pairs, base_url=base_url)
+    if parsed.ignored:
+        raise UnsupportedSearch(
+            f"unknown search parameter {parsed.ignored[0]!r} for {resource_type}"
+        )
+    criteria = [_flat(found) for found in parsed.criteria[resource_type]]
     if not criteria:
         raise UnsupportedSearch("a conditional interaction needs at least one search parameter")
     return criteria
 
 
-def _reference_criterion(
-    code: str, modifier: str, values: list[str], targets: Sequence[str], base_url: str
-) -> Criterion:
-    if modifier == "identifier":
-        return Criterion("token", code, tuple(f"{code}:identifier={v}" for v in values))
-    keys: list[str] = []
-    for value in values:
-        local = _local_reference(value, base_url)
-        if modifier:
-            keys.append(f"{code}={modifier}/{local}")
-        elif "/" in local:
-            keys.append(f"{code}={local}")
-        else:
-            # An id alone may name any of the parameter's target types.
-            keys.extend(f"{code}={target}/{local}" for target in targets)
-    return Criterion("reference", code, tuple(keys))
-
-
-def to_conditions(resource_type: str, criteria: Sequence[Criterion]) -> list[Any]:
-    """Turn criteria into SQL conditions over the current-resource table."""
-    conditions: list[Any] = []
-    for criterion in criteria:
-        if criterion.kind == "id":
-            conditions.append(repository.id_in(criterion.keys))
-        elif criterion.kind == "token":
-            conditions.append(repository.tokens_overlap(criterion.keys))
-        elif criterion.kind == "reference":
-            conditions.append(repository.refs_overlap(criterion.keys))
-        elif criterion.kind == "string":
-            conditions.append(
-                repository.string_starts_with(resource_type, criterion.param, criterion.keys)
-            )
-        elif criterion.kind == "string-exact":
-            conditions.append(
-                repository.string_equals(resource_type, criterion.param, criterion.keys)
-            )
-        else:
-            conditions.append(repository.uri_equals(resource_type, criterion.param, criterion.keys))
-    return conditions
+def _flat(found: parser.Criterion) -> Criterion:
+    if isinstance(found, parser.IdCriterion) and not found.negate:
+        return Criterion("id", "_id", found.ids, found)
+    if isinstance(found, parser.TokenCriterion) and not found.negate:
+        return Criterion("token", "", found.keys, found)
+    if isinstance(found, parser.ReferenceCriterion):
+        return Criterion("reference", "", found.keys, found)
+    if isinstance(found, parser.StringCriterion) and found.mode != "contains":
+        kind: Kind = "string" if found.mode == "start" else "string-exact"
+        return Criterion(kind, found.param, found.values, found)
+    if isinstance(found, parser.UriCriterion) and found.mode == "eq":
+        return Criterion("uri", found.param, found.values, found)
+    return Criterion("search", "", (), found)
 
 
 def matches(criteria: Sequence[Criterion], resource_id: str, index: IndexValues) -> bool:
@@ -166,8 +96,66 @@ def matches(criteria: Sequence[Criterion], resource_id: str, index: IndexValues)
             )
         elif criterion.kind == "string-exact":
             ok = any(p == criterion.param and exact in keys for p, _, exact in index.strings)
-        else:
+        elif criterion.kind == "uri":
             ok = any(p == criterion.param and uri in keys for p, uri in index.uris)
+        else:
+            ok = _matches_typed(criterion.search, index)
         if not ok:
             return False
     return True
+
+
+def _date_matches(low: datetime, high: datetime, item: parser.DateComparison) -> bool:
+    # The same R4 prefix semantics as the SQL (fhir_api.search.repository).
+    contained = low >= item.low and high <= item.high
+    return {
+        "eq": contained,
+        "ne": not contained,
+        "gt": high > item.high,
+        "lt": low < item.low,
+        "ge": high > item.high or contained,
+        "le": low < item.low or contained,
+        "sa": low > item.high,
+        "eb": high < item.low,
+    }.get(item.prefix, low <= item.high and high >= item.low)
+
+
+def _number_matches(
+    row: tuple[str, Decimal, Decimal, Decimal, str | None, str | None],
+    item: parser.NumberComparison,
+) -> bool:
+    _, value, low, high, system, code = row
+    if (item.code is not None and code != item.code) or (
+        item.system is not None and system != item.system
+    ):
+        return False
+    return {
+        "eq": item.low <= value < item.high,
+        "ap": item.low <= value < item.high,
+        "ne": not item.low <= value < item.high,
+        "gt": value > item.value,
+        "lt": value < item.value,
+        "ge": value >= item.value,
+        "le": value <= item.value,
+        "sa": low > item.value,
+        "eb": high < item.value,
+    }[item.prefix]
+
+
+def _matches_typed(found: parser.Criterion, index: IndexValues) -> bool:
+    """Evaluate dates and numbers in memory; chains and `_has` need stored data (no match)."""
+    if isinstance(found, parser.DateCriterion) and found.param is not None:
+        return any(
+            param == found.param and _date_matches(low, high, item)
+            for param, low, high in index.dates
+            for item in found.comparisons
+        )
+    if isinstance(found, parser.NumberCriterion):
+        return any(
+            row[0] == found.param and _number_matches(row, item)
+            for row in index.quantities
+            for item in found.comparisons
+        )
+    if isinstance(found, parser.TokenCriterion):
+        return set(found.keys).isdisjoint(index.tokens)  # `:not`
+    return False

@@ -6,13 +6,13 @@ import base64
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from sqlalchemy.orm import Session
 
-from fhir_api import criteria as criteria_module
 from fhir_api import repository
+from fhir_api import search as search_service
 from fhir_api.errors import ResourceGone, ResourceNotFound, UnparsableBody
 from fhir_api.validation import JSONObject, check_id, check_resource_type
 from fhir_api.writes import EntryRequest, EntryResult, format_instant
@@ -212,31 +212,16 @@ def everything_bundle(
 
 
 def search_bundle(
-    session: Session, *, base_url: str, resource_type: str, query: str, self_link: str
+    session: Session, *, base_url: str, resource_type: str, query: str, strict: bool = False
 ) -> JSONObject:
-    """Answer a search with the criteria conditional operations support."""
-    check_resource_type(resource_type)
-    criteria = criteria_module.parse_criteria(resource_type, query, base_url=base_url)
-    conditions = criteria_module.to_conditions(resource_type, criteria)
-    ids = repository.list_ids_matching(session, resource_type, conditions, limit=1_000)
-    entries = []
-    for resource_id in ids:
-        row = repository.get_current(session, resource_type, resource_id)
-        if row is not None and row.resource is not None:
-            entries.append(
-                {
-                    "fullUrl": f"{base_url}/{resource_type}/{resource_id}",
-                    "resource": row.resource,
-                    "search": {"mode": "match"},
-                }
-            )
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(entries),
-        "link": [{"relation": "self", "url": self_link}],
-        "entry": entries,
-    }
+    """Answer a search given as a query string (a GET entry of a batch Bundle)."""
+    return search_service.search(
+        session,
+        resource_type=resource_type,
+        pairs=parse_qsl(query, keep_blank_values=True),
+        base_url=base_url,
+        strict=strict,
+    )
 
 
 def read_entry(session: Session, entry: EntryRequest, *, base_url: str) -> EntryResult:
@@ -249,7 +234,6 @@ def read_entry(session: Session, entry: EntryRequest, *, base_url: str) -> Entry
             base_url=base_url,
             resource_type=entry.resource_type,
             query=entry.query,
-            self_link=f"{base_url}/{entry.resource_type}?{entry.query}",
         )
         return EntryResult(200, entry.resource_type, search_bundle=bundle)
     if entry.resource_id is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
-from fhir_api import reads, service
+from fhir_api import reads, search, service
 from fhir_api.capability import capability_statement
 from fhir_api.context import RequestContext
 from fhir_api.errors import UnparsableBody
@@ -78,12 +79,21 @@ def write_settings(settings: Settings) -> WriteSettings:
     )
 
 
-def _prefer_return(prefer: str | None) -> str:
-    for part in (prefer or "").split(";"):
+def _prefer(prefer: str | None, preference: str, default: str) -> str:
+    # RFC 7240: preferences are separated by commas (or semicolons, as clients send them).
+    for part in (prefer or "").replace(",", ";").split(";"):
         name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "return":
+        if name.strip().lower() == preference:
             return value.strip().strip('"')
-    return "representation"
+    return default
+
+
+def _prefer_return(prefer: str | None) -> str:
+    return _prefer(prefer, "return", "representation")
+
+
+def _strict_handling(prefer: str | None) -> bool:
+    return _prefer(prefer, "handling", "lenient").lower() == "strict"
 
 
 def _resource_headers(result: EntryResult, base_url: str) -> dict[str, str]:
@@ -213,17 +223,35 @@ def system_history(
     )
 
 
+@router.get("", response_model=None)
+def system_search(
+    request: Request, session: SessionDep, settings: SettingsDep, prefer: PreferHeader = None
+) -> Response:
+    """Search several types at once (`_type=Patient,Observation`)."""
+    bundle = search.system_search(
+        session,
+        pairs=request.query_params.multi_items(),
+        base_url=settings.fhir_base_url,
+        strict=_strict_handling(prefer),
+    )
+    return fhir_response(bundle)
+
+
 @router.get("/{resource_type}", response_model=None)
 def search_type(
-    resource_type: str, request: Request, session: SessionDep, settings: SettingsDep
+    resource_type: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    prefer: PreferHeader = None,
 ) -> Response:
-    """Search a type (the criteria conditional interactions support)."""
-    bundle = reads.search_bundle(
+    """Search one type."""
+    bundle = search.search(
         session,
-        base_url=settings.fhir_base_url,
         resource_type=resource_type,
-        query=request.url.query,
-        self_link=_self_link(request, settings),
+        pairs=request.query_params.multi_items(),
+        base_url=settings.fhir_base_url,
+        strict=_strict_handling(prefer),
     )
     return fhir_response(bundle)
 
@@ -319,11 +347,41 @@ def type_history(
     )
 
 
+async def search_form(request: Request) -> list[tuple[str, str]]:
+    """Return the parameters of `POST [type]/_search`: the URL's, then the form body's."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if body and content_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
+    try:
+        form = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UnparsableBody("the form body is not UTF-8") from error
+    pairs = request.query_params.multi_items()
+    pairs.extend(parse_qsl(form, keep_blank_values=True))
+    return pairs
+
+
+SearchFormDep = Annotated[list[tuple[str, str]], Depends(search_form)]
+
+
 @router.post("/{resource_type}/_search", response_model=None)
-async def search_type_post(resource_type: str, request: Request) -> Response:
-    """Refuse form search until the search API lands (read the body first)."""
-    await request.body()
-    raise UnparsableBody(f"POST {resource_type}/_search is not supported yet")
+def search_type_post(
+    resource_type: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    pairs: SearchFormDep,
+    prefer: PreferHeader = None,
+) -> Response:
+    """Search one type with form-encoded parameters."""
+    bundle = search.search(
+        session,
+        resource_type=resource_type,
+        pairs=pairs,
+        base_url=settings.fhir_base_url,
+        strict=_strict_handling(prefer),
+    )
+    return fhir_response(bundle)
 
 
 @router.get("/{resource_type}/{resource_id}", response_model=None)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from fhir_api.errors import (
     at,
     nest_expression,
 )
+from fhir_api.search import repository as search_repository
 from fhir_api.search_index import IndexValues, extract_index
 from fhir_api.validation import JSONObject, check_id, check_resource_type, validate_resource
 from hub import outbox
@@ -202,7 +203,12 @@ class TransactionEngine:
         try:
             return action()
         except WahaError as error:
-            raise at(error, item.entry.path) if item.entry.path else error from None
+            self._fail(item, error)
+
+    @staticmethod
+    def _fail(item: _Planned, error: WahaError) -> NoReturn:
+        """Raise `error` placed under the entry's Bundle path, if it has one."""
+        raise (at(error, item.entry.path) if item.entry.path else error) from None
 
     def _validate(self, planned: Sequence[_Planned]) -> None:
         issues: list[Issue] = []
@@ -250,8 +256,9 @@ class TransactionEngine:
                 self.session, resource_type, [c.keys for c in criteria], limit=2
             )
         else:
-            conditions = criteria_module.to_conditions(resource_type, criteria)
-            found = repository.list_ids_matching(self.session, resource_type, conditions, limit=2)
+            found = search_repository.list_ids(
+                self.session, resource_type, [c.search for c in criteria], limit=2
+            )
         for other in created:
             if other.entry.resource_type != resource_type or other.target_id is None:
                 continue
@@ -448,13 +455,8 @@ class TransactionEngine:
             self._guard(item, lambda e=entry, x=existing: self._check_preconditions(e, x))
             if entry.method == "DELETE":
                 if existing is None:
-                    raise (
-                        at(
-                            ResourceNotFound(f"{resource_type}/{target_id} does not exist"),
-                            entry.path,
-                        )
-                        if entry.path
-                        else ResourceNotFound(f"{resource_type}/{target_id} does not exist")
+                    self._fail(
+                        item, ResourceNotFound(f"{resource_type}/{target_id} does not exist")
                     )
                 if existing[1]:
                     results[item.position] = EntryResult(204, resource_type, target_id, existing[0])

@@ -1,0 +1,637 @@
+"""All SQL of the search API: parsed criteria to SQLAlchemy Core over the record store's index.
+
+Every statement reads `fhir_resource` through `visible()`, the one place where
+the caller's `SearchScope` becomes part of the SQL (matches, includes, chains
+and `_has` alike), so the auth layer narrows searches by adding a condition there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    FromClause,
+    Select,
+    Table,
+    Text,
+    and_,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    tuple_,
+)
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import TableValuedAlias
+
+from fhir_api.models import (
+    ResourceRow,
+    SearchDateRow,
+    SearchQuantityRow,
+    SearchStringRow,
+    SearchUriRow,
+)
+from fhir_api.search.parser import (
+    AnyOfCriterion,
+    ChainCriterion,
+    Criterion,
+    DateComparison,
+    DateCriterion,
+    HasCriterion,
+    IdCriterion,
+    MissingCriterion,
+    NumberComparison,
+    NumberCriterion,
+    ReferenceCriterion,
+    SortKey,
+    StringCriterion,
+    TokenCriterion,
+    UriCriterion,
+)
+
+RESOURCE = cast(Table, ResourceRow.__table__)
+STRINGS = cast(Table, SearchStringRow.__table__)
+DATES = cast(Table, SearchDateRow.__table__)
+QUANTITIES = cast(Table, SearchQuantityRow.__table__)
+URIS = cast(Table, SearchUriRow.__table__)
+# Aliases are immutable: built once, shared by every statement (building them per
+# request was half the Python cost of a search).
+MATCHED = RESOURCE.alias("r")
+STORED = RESOURCE.alias("stored")
+CHAINED = RESOURCE.alias("chained")
+HAS_SOURCE = RESOURCE.alias("has_source")
+# The range a date row covers, as the expression an index may be built on.
+DATE_RANGE = func.tstzrange(
+    func.least(DATES.c.low, DATES.c.high), func.greatest(DATES.c.low, DATES.c.high), "[]"
+)
+SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
+ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchScope:
+    """Which resources a caller may find; `condition` adds SQL over a `fhir_resource` alias."""
+
+    condition: ScopeCondition | None = None
+
+
+UNRESTRICTED = SearchScope()
+
+
+def visible(resource: FromClause, scope: SearchScope) -> list[ColumnElement[bool]]:
+    """Return what every query over `fhir_resource` carries: not deleted, and in scope."""
+    conditions: list[ColumnElement[bool]] = [resource.c.deleted.is_(False)]
+    if scope.condition is not None:
+        conditions.append(scope.condition(resource))
+    return conditions
+
+
+def _text_array(values: Sequence[str]) -> ColumnElement[Any]:
+    return literal(list(values), ARRAY(Text))
+
+
+def _overlaps(column: ColumnElement[Any], keys: Sequence[str]) -> ColumnElement[bool]:
+    return column.bool_op("&&")(_text_array(keys))
+
+
+def _side(
+    table: Table, resource: FromClause, param: str, *conditions: ColumnElement[bool]
+) -> ColumnElement[bool]:
+    return exists(
+        select(literal(1))
+        .select_from(table)
+        .where(
+            table.c.resource_type == resource.c.resource_type,
+            table.c.resource_id == resource.c.id,
+            table.c.param == param,
+            *conditions,
+        )
+    )
+
+
+def _like_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _date_condition(
+    low: ColumnElement[datetime], high: ColumnElement[datetime], item: DateComparison
+) -> ColumnElement[bool]:
+    # R4 search "prefix": the resource's range [low, high] against the value's range.
+    sl, sh = item.low, item.high
+    contained = and_(low >= sl, high <= sh)
+    prefix = item.prefix
+    # The extra bounds below are implied by the spec's condition; they are there
+    # so that the btree on (type, param, low, ...) can narrow the scan.
+    if prefix == "eq":
+        return and_(contained, low <= sh)
+    if prefix == "ne":
+        return not_(contained)
+    if prefix == "gt":
+        return high > sh
+    if prefix == "lt":
+        return low < sl
+    if prefix == "ge":
+        return and_(high >= sl, or_(high > sh, contained))
+    if prefix == "le":
+        return and_(low <= sh, or_(low < sl, contained))
+    if prefix == "sa":
+        return low > sh
+    if prefix == "eb":
+        return high < sl
+    # ap: the widened value range overlaps the resource's range.
+    return and_(low <= sh, high >= sl)
+
+
+def _number_condition(table: Table, item: NumberComparison) -> ColumnElement[bool]:
+    value = table.c.value
+    prefix = item.prefix
+    if prefix in ("eq", "ap"):
+        # The value's precision: 100 matches [99.5, 100.5) (R4 search, number).
+        condition: ColumnElement[bool] = and_(value >= item.low, value < item.high)
+    elif prefix == "ne":
+        condition = or_(value < item.low, value >= item.high)
+    elif prefix == "gt":
+        condition = value > item.value
+    elif prefix == "lt":
+        condition = value < item.value
+    elif prefix == "ge":
+        condition = value >= item.value
+    elif prefix == "le":
+        condition = value <= item.value
+    elif prefix == "sa":
+        condition = table.c.low > item.value
+    else:
+        condition = table.c.high < item.value
+    if item.code is not None:
+        condition = and_(condition, table.c.code == item.code)
+    if item.system is not None:
+        condition = and_(condition, table.c.system == item.system)
+    return condition
+
+
+def _unnested(column: ColumnElement[Any], name: str) -> TableValuedAlias:
+    return func.unnest(column).table_valued(name).render_derived()
+
+
+def _any_key_like(column: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
+    keys = _unnested(column, "key")
+    pattern = _like_escape(prefix) + "%"
+    return exists(select(literal(1)).select_from(keys).where(keys.c.key.like(pattern)))
+
+
+def _missing(resource: FromClause, criterion: MissingCriterion) -> ColumnElement[bool]:
+    param = criterion.param
+    if criterion.kind in SIDE_TABLES:
+        present = _side(SIDE_TABLES[criterion.kind], resource, param)
+    else:
+        column = resource.c.tokens if criterion.kind == "token" else resource.c.refs
+        present = _any_key_like(column, f"{param}=")
+        if criterion.kind == "reference":
+            present = or_(present, _any_key_like(resource.c.tokens, f"{param}:identifier="))
+    return not_(present) if criterion.missing else present
+
+
+def condition_for(
+    resource: FromClause, resource_type: str, criterion: Criterion, scope: SearchScope
+) -> ColumnElement[bool]:
+    """Return the SQL condition of one criterion over a `fhir_resource` alias."""
+    if isinstance(criterion, IdCriterion):
+        matched = resource.c.id.in_(list(criterion.ids))
+        return not_(matched) if criterion.negate else matched
+    if isinstance(criterion, TokenCriterion):
+        overlap = _overlaps(resource.c.tokens, criterion.keys)
+        return not_(overlap) if criterion.negate else overlap
+    if isinstance(criterion, ReferenceCriterion):
+        return _overlaps(resource.c.refs, criterion.keys)
+    if isinstance(criterion, StringCriterion):
+        column = STRINGS.c.value_normalized
+        match: ColumnElement[bool]
+        if criterion.mode == "exact":
+            match = STRINGS.c.value_exact.in_(list(criterion.values))
+        elif criterion.mode == "contains":
+            match = or_(*(column.contains(v, autoescape=True) for v in criterion.values))
+        else:
+            match = or_(*(column.startswith(v, autoescape=True) for v in criterion.values))
+        return _side(STRINGS, resource, criterion.param, match)
+    if isinstance(criterion, DateCriterion):
+        if criterion.param is None:
+            updated = resource.c.last_updated
+            return or_(*(_date_condition(updated, updated, c) for c in criterion.comparisons))
+        ranges = or_(
+            *(_date_condition(DATES.c.low, DATES.c.high, c) for c in criterion.comparisons)
+        )
+        return _side(DATES, resource, criterion.param, ranges)
+    if isinstance(criterion, NumberCriterion):
+        numbers = or_(*(_number_condition(QUANTITIES, c) for c in criterion.comparisons))
+        return _side(QUANTITIES, resource, criterion.param, numbers)
+    if isinstance(criterion, UriCriterion):
+        return _side(URIS, resource, criterion.param, _uri_match(criterion))
+    if isinstance(criterion, MissingCriterion):
+        return _missing(resource, criterion)
+    if isinstance(criterion, ChainCriterion):
+        return _overlaps_select(resource.c.refs, _chain_keys(criterion, scope))
+    if isinstance(criterion, HasCriterion):
+        return _has(resource, resource_type, criterion, scope)
+    if isinstance(criterion, AnyOfCriterion):
+        return or_(*(condition_for(resource, resource_type, c, scope) for c in criterion.options))
+    raise TypeError(f"no SQL for {type(criterion).__name__}")
+
+
+def _uri_match(criterion: UriCriterion) -> ColumnElement[bool]:
+    column = URIS.c.uri
+    if criterion.mode == "below":
+        return or_(*(column.startswith(v, autoescape=True) for v in criterion.values))
+    if criterion.mode == "above":
+        # Every stored uri the value lies below: its prefixes at path boundaries.
+        prefixes: list[str] = []
+        for value in criterion.values:
+            parts = value.rstrip("/").split("/")
+            prefixes.extend("/".join(parts[:n]) for n in range(len(parts), 2, -1))
+        return column.in_(prefixes)
+    return column.in_(list(criterion.values))
+
+
+def _overlaps_select(
+    column: ColumnElement[Any], keys: Select[Any] | CompoundSelect[Any]
+) -> ColumnElement[bool]:
+    # ARRAY(subquery) is uncorrelated: PostgreSQL runs it once and probes the GIN index.
+    return column.bool_op("&&")(func.array(keys.scalar_subquery()))
+
+
+def _chain_keys(criterion: ChainCriterion, scope: SearchScope) -> Select[Any] | CompoundSelect[Any]:
+    target = CHAINED
+    per_type = [
+        and_(
+            target.c.resource_type == target_type, condition_for(target, target_type, inner, scope)
+        )
+        for target_type, inner in criterion.targets
+    ]
+    local = target.c.resource_type + "/" + target.c.id
+    key = literal(f"{criterion.param}=") + local
+    keys = select(key).where(or_(*per_type), *visible(target, scope))
+    if not criterion.base_url:
+        return keys
+    absolute = literal(f"{criterion.param}={criterion.base_url}/") + local
+    return keys.union_all(select(absolute).where(or_(*per_type), *visible(target, scope)))
+
+
+def _has(
+    resource: FromClause, resource_type: str, criterion: HasCriterion, scope: SearchScope
+) -> ColumnElement[bool]:
+    source = HAS_SOURCE
+    refs = _unnested(source.c.refs, "ref")
+    ref: ColumnElement[Any] = refs.c.ref
+    if criterion.base_url:
+        # A reference written as this server's absolute URL points here too.
+        ref = func.replace(ref, f"={criterion.base_url}/", "=")
+    prefix = f"{criterion.reference_param}={resource_type}/"
+    pointed = (
+        select(func.substr(ref, len(prefix) + 1))
+        .select_from(source)
+        .join(refs, true())
+        .where(
+            source.c.resource_type == criterion.source_type,
+            *visible(source, scope),
+            condition_for(source, criterion.source_type, criterion.inner, scope),
+            ref.like(_like_escape(prefix) + "%"),
+        )
+    )
+    return and_(resource.c.resource_type == resource_type, resource.c.id.in_(pointed))
+
+
+# --- matching, sorting and paging -----------------------------------------------------
+
+
+def match_condition(
+    resource: FromClause,
+    criteria: dict[str, list[Criterion]],
+    scope: SearchScope,
+) -> ColumnElement[bool]:
+    """Return the condition of a (possibly multi-type) search, scope included."""
+    per_type = [
+        and_(resource.c.resource_type == t, *_type_conditions(resource, t, found, scope))
+        for t, found in criteria.items()
+    ]
+    type_condition = per_type[0] if len(per_type) == 1 else or_(*per_type)
+    return and_(type_condition, *visible(resource, scope))
+
+
+def _type_conditions(
+    resource: FromClause, resource_type: str, criteria: Sequence[Criterion], scope: SearchScope
+) -> list[ColumnElement[bool]]:
+    # Single-valued date criteria on one param (`date=ge..&date=lt..`) are tested
+    # against the same date row: one range scan instead of two unselective half-open
+    # ones. It differs from separate tests only for a resource with several values.
+    windows: dict[str, list[DateComparison]] = {}
+    conditions: list[ColumnElement[bool]] = []
+    for criterion in criteria:
+        if (
+            isinstance(criterion, DateCriterion)
+            and criterion.param is not None
+            and len(criterion.comparisons) == 1
+        ):
+            windows.setdefault(criterion.param, []).append(criterion.comparisons[0])
+        else:
+            conditions.append(condition_for(resource, resource_type, criterion, scope))
+    for param, comparisons in windows.items():
+        tests = [_date_condition(DATES.c.low, DATES.c.high, c) for c in comparisons]
+        conditions.append(_side(DATES, resource, param, *tests, *_window_hint(comparisons)))
+    return conditions
+
+
+def _window_hint(comparisons: Sequence[DateComparison]) -> list[ColumnElement[bool]]:
+    """Return a range-overlap test implied by the comparisons (for a range index), if any."""
+    floor: datetime | None = None  # what `high` must reach
+    ceiling: datetime | None = None  # what `low` must not pass
+    for item in comparisons:
+        if item.prefix in ("eq", "ge", "ap"):
+            floor = item.low if floor is None else max(floor, item.low)
+        elif item.prefix in ("gt", "sa"):
+            floor = item.high if floor is None else max(floor, item.high)
+        if item.prefix in ("eq", "le", "ap"):
+            ceiling = item.high if ceiling is None else min(ceiling, item.high)
+        elif item.prefix in ("lt", "eb"):
+            ceiling = item.low if ceiling is None else min(ceiling, item.low)
+    if floor is None and ceiling is None:
+        return []
+    window = func.tstzrange(floor, ceiling, "[]")
+    return [DATE_RANGE.bool_op("&&")(window)]
+
+
+def sort_expression(resource: FromClause, key: SortKey) -> ColumnElement[Any]:
+    """Return the value a row sorts by for one `_sort` key (NULL when it has none)."""
+    if key.code == "_id":
+        return resource.c.id
+    if key.code == "_lastUpdated":
+        return resource.c.last_updated
+    aggregate = func.max if key.descending else func.min
+    if key.type in ("string", "date", "number", "quantity", "uri"):
+        table = SIDE_TABLES["quantity" if key.type == "number" else key.type]
+        column = {
+            "string": STRINGS.c.value_normalized,
+            "date": DATES.c.high if key.descending else DATES.c.low,
+            "quantity": QUANTITIES.c.value,
+            "number": QUANTITIES.c.value,
+            "uri": URIS.c.uri,
+        }[key.type]
+        return (
+            select(aggregate(column))
+            .where(
+                table.c.resource_type == resource.c.resource_type,
+                table.c.resource_id == resource.c.id,
+                table.c.param == key.code,
+            )
+            .scalar_subquery()
+        )
+    # Tokens and references sort by their first key of the parameter (code order).
+    array = resource.c.refs if key.type == "reference" else resource.c.tokens
+    keys = _unnested(array, "key")
+    return (
+        select(aggregate(keys.c.key))
+        .select_from(keys)
+        .where(keys.c.key.like(_like_escape(f"{key.code}=") + "%"))
+        .scalar_subquery()
+    )
+
+
+SortValue = str | datetime | Decimal | None
+
+
+def sort_value_kind(key: SortKey) -> str:
+    """Return how a sort key's cursor value is typed: text, instant or decimal."""
+    if key.code == "_lastUpdated" or key.type == "date":
+        return "instant"
+    if key.type in ("number", "quantity"):
+        return "decimal"
+    return "text"
+
+
+def _after(
+    columns: Sequence[tuple[ColumnElement[Any], bool]], values: Sequence[Any]
+) -> ColumnElement[bool]:
+    """Rows strictly after `values` in the order of `columns` (NULLs last either way)."""
+    alternatives: list[ColumnElement[bool]] = []
+    equal_so_far: list[ColumnElement[bool]] = []
+    for (column, descending), value in zip(columns, values, strict=True):
+        if value is None:
+            # Only NULLs follow a NULL, and they compare equal.
+            equal_so_far.append(column.is_(None))
+            continue
+        later = column < value if descending else column > value
+        alternatives.append(and_(*equal_so_far, or_(later, column.is_(None))))
+        equal_so_far.append(column == value)
+    return or_(false(), *alternatives)
+
+
+def page_statement(
+    *,
+    criteria: dict[str, list[Criterion]],
+    sort: Sequence[SortKey],
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+    scope: SearchScope,
+) -> Select[Any]:
+    """Build the page query: (sort values..., type, id, json text, refs) after a keyset position.
+
+    Ties break on (resource_type, id), so the order is total and pages never
+    overlap or skip rows while others insert; `backwards` walks the order in reverse.
+    """
+    resource = MATCHED
+    condition = match_condition(resource, criteria, scope)
+    directions = [key.descending != backwards for key in sort]
+    if sort:
+        labels = [sort_expression(resource, key).label(f"s{n}") for n, key in enumerate(sort)]
+        matched = (
+            select(*labels, resource.c.resource_type, resource.c.id)
+            .where(condition)
+            .subquery("matched")
+        )
+        keyed = _keyed(matched, directions, backwards)
+        walk = select(matched)
+        if after is not None:
+            walk = walk.where(_after(keyed, after))
+        ordering = [(c.desc() if d else c.asc()).nulls_last() for c, d in keyed]
+        page = walk.order_by(*ordering).limit(limit).subquery("page")
+    else:
+        # No sort keys: filter and order on the base table so the primary key serves the walk.
+        position = tuple_(resource.c.resource_type, resource.c.id)
+        base = select(resource.c.resource_type, resource.c.id).where(condition)
+        if after is not None:
+            boundary = tuple_(*(literal(value) for value in after))
+            base = base.where(position < boundary if backwards else position > boundary)
+        order = [resource.c.resource_type, resource.c.id]
+        base = base.order_by(*(c.desc() if backwards else c.asc() for c in order))
+        page = base.limit(limit).subquery("page")
+    stored = STORED
+    final_order = _keyed(page, directions, backwards)
+    return (
+        select(
+            *(page.c[f"s{n}"] for n in range(len(sort))),
+            page.c.resource_type,
+            page.c.id,
+            sql_cast(stored.c.resource, Text),
+            stored.c.refs,
+        )
+        .join_from(
+            page,
+            stored,
+            and_(stored.c.resource_type == page.c.resource_type, stored.c.id == page.c.id),
+        )
+        .order_by(*((c.desc() if d else c.asc()).nulls_last() for c, d in final_order))
+    )
+
+
+def list_page(
+    session: Session,
+    *,
+    criteria: dict[str, list[Criterion]],
+    sort: Sequence[SortKey],
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+    scope: SearchScope,
+) -> list[tuple[list[Any], str, str, str, list[str]]]:
+    """Return up to `limit` matches after a keyset position: (sort values, type, id, json, refs)."""
+    statement = page_statement(
+        criteria=criteria, sort=sort, after=after, backwards=backwards, limit=limit, scope=scope
+    )
+    width = len(sort)
+    return [
+        (
+            list(row[:width]),
+            str(row[width]),
+            str(row[width + 1]),
+            str(row[width + 2]),
+            list(row[width + 3] or ()),
+        )
+        for row in session.execute(statement)
+    ]
+
+
+def _keyed(
+    table: FromClause, directions: Sequence[bool], backwards: bool
+) -> list[tuple[ColumnElement[Any], bool]]:
+    return [
+        *((table.c[f"s{n}"], descending) for n, descending in enumerate(directions)),
+        (table.c.resource_type, backwards),
+        (table.c.id, backwards),
+    ]
+
+
+def count_matches(
+    session: Session,
+    *,
+    criteria: dict[str, list[Criterion]],
+    scope: SearchScope,
+    limit: int | None = None,
+) -> int:
+    """Count the matches of a search (at most `limit + 1` when a limit is given)."""
+    resource = MATCHED
+    inner = (
+        select(literal(1)).select_from(resource).where(match_condition(resource, criteria, scope))
+    )
+    if limit is not None:
+        inner = inner.limit(limit + 1)
+    return int(session.execute(select(func.count()).select_from(inner.subquery())).scalar_one())
+
+
+def estimate_matches(
+    session: Session, *, criteria: dict[str, list[Criterion]], scope: SearchScope
+) -> int:
+    """Return the planner's estimate of the number of matches (`_total=estimate`)."""
+    resource = MATCHED
+    statement = (
+        select(literal(1)).select_from(resource).where(match_condition(resource, criteria, scope))
+    )
+    connection = session.connection()
+    compiled = statement.compile(dialect=connection.dialect)
+    # EXPLAIN plans without running: the estimate costs a planning, not a count.
+    plan = connection.exec_driver_sql(
+        "EXPLAIN (FORMAT JSON) " + str(compiled), dict(compiled.params)
+    ).scalar_one()
+    document = orjson.loads(plan) if isinstance(plan, str | bytes) else plan
+    return int(document[0]["Plan"]["Plan Rows"])
+
+
+def list_by_keys(
+    session: Session, keys: Sequence[tuple[str, str]], scope: SearchScope
+) -> list[tuple[str, str, str, list[str]]]:
+    """Return (type, id, json, refs) of the visible resources among `keys` (for _include)."""
+    if not keys:
+        return []
+    resource = MATCHED
+    statement = (
+        select(
+            resource.c.resource_type,
+            resource.c.id,
+            sql_cast(resource.c.resource, Text),
+            resource.c.refs,
+        )
+        .where(
+            tuple_(resource.c.resource_type, resource.c.id).in_(list(keys)),
+            *visible(resource, scope),
+        )
+        .order_by(resource.c.resource_type, resource.c.id)
+    )
+    return [(str(r[0]), str(r[1]), str(r[2]), list(r[3] or ())) for r in session.execute(statement)]
+
+
+def list_referencing(
+    session: Session,
+    *,
+    source_type: str | None,
+    ref_keys: Sequence[str],
+    scope: SearchScope,
+    limit: int,
+) -> list[tuple[str, str, str, list[str]]]:
+    """Return (type, id, json, refs) of visible resources holding any of `ref_keys`."""
+    if not ref_keys:
+        return []
+    resource = MATCHED
+    conditions = [_overlaps(resource.c.refs, ref_keys), *visible(resource, scope)]
+    if source_type is not None:
+        conditions.append(resource.c.resource_type == source_type)
+    statement = (
+        select(
+            resource.c.resource_type,
+            resource.c.id,
+            sql_cast(resource.c.resource, Text),
+            resource.c.refs,
+        )
+        .where(*conditions)
+        .order_by(resource.c.resource_type, resource.c.id)
+        .limit(limit)
+    )
+    return [(str(r[0]), str(r[1]), str(r[2]), list(r[3] or ())) for r in session.execute(statement)]
+
+
+def list_ids(
+    session: Session,
+    resource_type: str,
+    criteria: Sequence[Criterion],
+    *,
+    limit: int,
+    scope: SearchScope = UNRESTRICTED,
+) -> list[str]:
+    """Return ids of visible resources of one type matching every criterion (conditional ops)."""
+    resource = MATCHED
+    statement = (
+        select(resource.c.id)
+        .where(match_condition(resource, {resource_type: list(criteria)}, scope))
+        .limit(limit)
+    )
+    return [str(value) for value in session.execute(statement).scalars()]

@@ -1,0 +1,45 @@
+"""Helpers of the search tests: create resources over HTTP and read result ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+JSON = dict[str, Any]
+
+
+def create(client: TestClient, resource: JSON) -> str:
+    """Create a resource and return its id."""
+    response = client.post(f"/fhir/{resource['resourceType']}", json=resource, headers=FHIR_JSON)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def put(client: TestClient, resource: JSON) -> str:
+    """Create a resource under its own id and return it."""
+    url = f"/fhir/{resource['resourceType']}/{resource['id']}"
+    response = client.put(url, json=resource, headers=FHIR_JSON)
+    assert response.status_code in (200, 201), response.text
+    return str(resource["id"])
+
+
+def search(client: TestClient, url: str, **headers: str) -> JSON:
+    """Run a GET search that must succeed and return the Bundle."""
+    response = client.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    body: JSON = response.json()
+    assert body["resourceType"] == "Bundle"
+    assert body["type"] == "searchset"
+    return body
+
+
+def ids(bundle: JSON, mode: str = "match") -> set[str]:
+    """Return the ids of the entries of one search mode."""
+    return {e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode}
+
+
+def found(client: TestClient, url: str) -> set[str]:
+    """Return the ids a search matches."""
+    return ids(search(client, url))
