@@ -40,14 +40,20 @@ class ResourceRow(Base):
     __tablename__ = "fhir_resource"
     __table_args__ = (
         PrimaryKeyConstraint("resource_type", "id"),
+        # The type sits in the GIN itself (btree_gin): ANDed with a separate
+        # type index, the planner walked every row of the type per lookup.
         Index(
             "ix_fhir_resource_tokens",
+            "resource_type",
             "tokens",
             postgresql_using="gin",
             postgresql_with=GIN_STORAGE,
         ),
+        # The type sits in the GIN itself (btree_gin): ANDed with a separate
+        # type index, the planner walked every row of the type per lookup.
         Index(
             "ix_fhir_resource_refs",
+            "resource_type",
             "refs",
             postgresql_using="gin",
             postgresql_with=GIN_STORAGE,
