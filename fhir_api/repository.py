@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
-    ColumnElement,
     Row,
     Text,
     TextClause,
@@ -171,79 +170,6 @@ def get_version(
 ) -> ResourceVersionRow | None:
     """Return one historical version."""
     return session.get(ResourceVersionRow, (resource_type, resource_id, version_id))
-
-
-def list_ids_matching(
-    session: Session, resource_type: str, conditions: Sequence[ColumnElement[bool]], limit: int
-) -> list[str]:
-    """Return ids of current, undeleted resources matching all conditions."""
-    statement = (
-        select(ResourceRow.id)
-        .where(
-            ResourceRow.resource_type == resource_type,
-            ResourceRow.deleted.is_(False),
-            *conditions,
-        )
-        .limit(limit)
-    )
-    return list(session.execute(statement).scalars())
-
-
-def tokens_contain(keys: Sequence[str]) -> ColumnElement[bool]:
-    """Condition: the token index holds every key."""
-    condition: ColumnElement[bool] = ResourceRow.tokens.contains(list(keys))
-    return condition
-
-
-def tokens_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
-    """Condition: the token index holds at least one key."""
-    condition: ColumnElement[bool] = ResourceRow.tokens.overlap(list(keys))
-    return condition
-
-
-def refs_overlap(keys: Sequence[str]) -> ColumnElement[bool]:
-    """Condition: the reference index holds at least one key."""
-    condition: ColumnElement[bool] = ResourceRow.refs.overlap(list(keys))
-    return condition
-
-
-def id_in(ids: Sequence[str]) -> ColumnElement[bool]:
-    """Condition: the resource id is one of `ids`."""
-    return ResourceRow.id.in_(list(ids))
-
-
-def string_starts_with(resource_type: str, param: str, prefixes: Sequence[str]) -> Any:
-    """Condition: some normalized string value of `param` starts with a prefix."""
-    matches = or_(
-        *(SearchStringRow.value_normalized.startswith(p, autoescape=True) for p in prefixes)
-    )
-    return ResourceRow.id.in_(
-        select(SearchStringRow.resource_id).where(
-            SearchStringRow.resource_type == resource_type, SearchStringRow.param == param, matches
-        )
-    )
-
-
-def string_equals(resource_type: str, param: str, values: Sequence[str]) -> Any:
-    """Condition: some exact string value of `param` equals a value."""
-    return ResourceRow.id.in_(
-        select(SearchStringRow.resource_id).where(
-            SearchStringRow.resource_type == resource_type,
-            SearchStringRow.param == param,
-            SearchStringRow.value_exact.in_(list(values)),
-        )
-    )
-
-
-def uri_equals(resource_type: str, param: str, values: Sequence[str]) -> Any:
-    """Condition: some uri value of `param` equals a value."""
-    return ResourceRow.id.in_(
-        select(SearchUriRow.resource_id).where(
-            SearchUriRow.resource_type == resource_type,
-            SearchUriRow.param == param,
-            SearchUriRow.uri.in_(list(values)),
-        )
-    )
 
 
 _RESOURCE_COLUMNS = (
