@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -175,7 +176,13 @@ SinceQuery = Annotated[str | None, Query(alias="_since")]
 @public_router.get("/metadata", response_model=None)
 def metadata(settings: SettingsDep) -> Response:
     """Answer the CapabilityStatement."""
-    return fhir_response(capability_statement(settings.fhir_base_url, "0.1.0"))
+    return Response(_capability_bytes(settings.fhir_base_url), media_type=FHIR_MEDIA_TYPE)
+
+
+@functools.cache
+def _capability_bytes(base_url: str) -> bytes:
+    # ~450 kB of JSON that never changes while the process runs: serialize once.
+    return orjson.dumps(capability_statement(base_url, "0.1.0"))
 
 
 @router.post("", response_model=None)
