@@ -40,3 +40,18 @@ class IssuerUnavailable(WahaError):
     status = 503
     issue_code = "transient"
     slug = "issuer-unavailable"
+
+
+class Forbidden(WahaError):
+    """The caller's role or scopes never allow this interaction (not a matter of rows)."""
+
+    status = 403
+    issue_code = "forbidden"
+    slug = "forbidden"
+
+
+class UnitRevoked(InvalidToken):
+    """The token belongs to a unit whose Device an administrator set inactive."""
+
+    def __init__(self) -> None:
+        super().__init__("the unit's device is not active")

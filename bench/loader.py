@@ -75,7 +75,9 @@ class Writer:
 
 def unit_context(unit_id: str, request_id: str) -> RequestContext:
     """Return the context of a unit client sending a bundle (as its token will say)."""
-    return RequestContext(client_id=unit_id, author=f"Device/{unit_id}", request_id=request_id)
+    return RequestContext(
+        client_id=unit_id, author=f"Device/{unit_id}", request_id=request_id, unit=unit_id
+    )
 
 
 def bundle_unit(bundle: JSONObject) -> str:

@@ -1,17 +1,80 @@
-"""Who is calling and on which request; every stored version records its author."""
+"""Who is calling and on which request; every stored version records its author.
+
+The record store does not know tokens or roles: it asks the caller's
+`AccessControl` (built by the auth layer) whether an interaction is allowed
+and which rows the caller may see (as SQL over `fhir_resource`). Care
+relationships are data the store derives from what units write.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, FromClause
+
+
+class AccessControl(Protocol):
+    """What the record store asks about the caller (implemented by `auth.policy`)."""
+
+    @property
+    def unrestricted(self) -> bool:
+        """Whether the caller sees every row (no SQL condition needed)."""
+
+    def check(self, interaction: str, resource_type: str | None) -> None:
+        """Raise 403 when the caller may not do this interaction at all."""
+
+    def row_condition(self, resource: FromClause) -> ColumnElement[bool] | None:
+        """Return the SQL condition over a `fhir_resource` alias for visible rows."""
+
+
+class _Unrestricted:
+    """The access of Waha's own jobs and of tests that do not test access."""
+
+    unrestricted = True
+
+    def check(self, interaction: str, resource_type: str | None) -> None:
+        """Allow everything."""
+
+    def row_condition(self, resource: FromClause) -> ColumnElement[bool] | None:
+        """See every row."""
+        del resource
+        return None
+
+
+UNRESTRICTED_ACCESS: AccessControl = _Unrestricted()
+
+
+@dataclass(slots=True)
+class AuditNotes:
+    """What an interaction touched, for the audit trail written after it."""
+
+    resource_refs: list[str] = field(default_factory=list)
+    patient_ids: list[str] = field(default_factory=list)
+    interaction: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def touched(self, resource_type: str, resource_id: str, patient_ids: Sequence[str]) -> None:
+        """Note one resource and its patients (bounded: the audit is not a copy of the data)."""
+        if len(self.resource_refs) < 100:
+            self.resource_refs.append(f"{resource_type}/{resource_id}")
+        for patient_id in patient_ids:
+            if patient_id not in self.patient_ids and len(self.patient_ids) < 100:
+                self.patient_ids.append(patient_id)
 
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """The caller of one interaction, filled by the API edge (and later by auth)."""
+    """The caller of one interaction, filled by the API edge from the auth layer."""
 
     client_id: str
     author: str
     request_id: str
+    # The unit (`unit-01`) a unit client writes for: its care relationships grow from it.
+    unit: str | None = None
+    access: AccessControl = UNRESTRICTED_ACCESS
+    audit: AuditNotes | None = None
 
 
 SYSTEM_CONTEXT = RequestContext(client_id="waha-system", author="waha-system", request_id="-")

@@ -207,3 +207,23 @@ class BundleReceiptRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("now()")
     )
+
+
+class CareRelationshipRow(Base):
+    """Who may see a patient's record, derived from what was written into it.
+
+    `grantee` is `unit:<unit>` (the unit wrote into the compartment, or an
+    Encounter names its Organization as serviceProvider), `region:<region>`
+    (an Encounter of a unit of that region) or `specialty:<code>` (a case
+    routed to that specialty). Keyed by grantee first: the access check asks
+    "may these grantees see this patient" for each row a query returns.
+    """
+
+    __tablename__ = "care_relationship"
+    __table_args__ = (PrimaryKeyConstraint("grantee", "patient_id"),)
+
+    grantee: Mapped[str] = mapped_column(Text)
+    patient_id: Mapped[str] = mapped_column(Text)
+    granted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )

@@ -9,10 +9,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
+from sqlalchemy import ColumnElement, FromClause
 from sqlalchemy.orm import Session
 
 from fhir_api import repository
 from fhir_api import search as search_service
+from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes
 from fhir_api.errors import ResourceGone, ResourceNotFound, UnparsableBody
 from fhir_api.validation import JSONObject, check_id, check_resource_type
 from fhir_api.writes import EntryRequest, EntryResult, format_instant
@@ -43,13 +45,40 @@ def decode_cursor(token: str) -> list[Any]:
     return value
 
 
-def read_resource(session: Session, *, resource_type: str, resource_id: str) -> EntryResult:
-    """Return the current version; 404 when absent, 410 when deleted."""
+def search_scope(access: AccessControl) -> search_service.SearchScope:
+    """Return the search scope of a caller: its row condition inside every query."""
+    if access.row_condition(repository.RESOURCE) is None:
+        return search_service.UNRESTRICTED
+
+    def condition(resource: FromClause) -> ColumnElement[bool]:
+        visible = access.row_condition(resource)
+        assert visible is not None  # noqa: S101 - the caller's rights do not change mid-request
+        return visible
+
+    return search_service.SearchScope(condition=condition)
+
+
+def read_resource(
+    session: Session,
+    *,
+    resource_type: str,
+    resource_id: str,
+    access: AccessControl = UNRESTRICTED_ACCESS,
+    audit: AuditNotes | None = None,
+) -> EntryResult:
+    """Return the current version; 404 when absent or not the caller's, 410 when deleted."""
     check_resource_type(resource_type)
     check_id(resource_id)
-    row = repository.get_current(session, resource_type, resource_id)
+    row = repository.get_current(
+        session,
+        resource_type,
+        resource_id,
+        condition=access.row_condition(repository.RESOURCE),
+    )
     if row is None:
         raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+    if audit is not None:
+        audit.touched(resource_type, resource_id, row.patient_ids)
     if row.deleted:
         error = ResourceGone(f"{resource_type}/{resource_id} was deleted")
         error.headers["ETag"] = f'W/"{row.version_id}"'
@@ -60,11 +89,18 @@ def read_resource(session: Session, *, resource_type: str, resource_id: str) -> 
 
 
 def vread_resource(
-    session: Session, *, resource_type: str, resource_id: str, version_id: str
+    session: Session,
+    *,
+    resource_type: str,
+    resource_id: str,
+    version_id: str,
+    access: AccessControl = UNRESTRICTED_ACCESS,
+    audit: AuditNotes | None = None,
 ) -> EntryResult:
     """Return one version; 410 for the version that recorded a deletion."""
     check_resource_type(resource_type)
     check_id(resource_id)
+    _check_visible(session, resource_type, resource_id, access, audit)
     if not version_id.isdigit():
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id!r}")
     row = repository.get_version(session, resource_type, resource_id, int(version_id))
@@ -77,6 +113,23 @@ def vread_resource(
     )
 
 
+def _check_visible(
+    session: Session,
+    resource_type: str,
+    resource_id: str,
+    access: AccessControl,
+    audit: AuditNotes | None,
+) -> None:
+    """Raise 404 unless the resource exists (even deleted) and the caller may see it."""
+    row = repository.get_current(
+        session, resource_type, resource_id, condition=access.row_condition(repository.RESOURCE)
+    )
+    if row is None:
+        raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+    if audit is not None:
+        audit.touched(resource_type, resource_id, row.patient_ids)
+
+
 def history_bundle(
     session: Session,
     *,
@@ -86,6 +139,8 @@ def history_bundle(
     since: datetime | None,
     page: Page,
     self_link: str,
+    access: AccessControl = UNRESTRICTED_ACCESS,
+    audit: AuditNotes | None = None,
 ) -> JSONObject:
     """Return a history Bundle, newest version first, paged by keyset."""
     if resource_type is not None:
@@ -93,8 +148,7 @@ def history_bundle(
     if resource_id is not None:
         assert resource_type is not None  # noqa: S101
         check_id(resource_id)
-        if repository.get_current(session, resource_type, resource_id) is None:
-            raise ResourceNotFound(f"{resource_type}/{resource_id} is not known")
+        _check_visible(session, resource_type, resource_id, access, audit)
     before = None
     if page.cursor:
         raw = decode_cursor(page.cursor)
@@ -108,6 +162,7 @@ def history_bundle(
         since=since,
         before=before,
         limit=page.count + 1,
+        condition=None if resource_id is not None else access.row_condition,
     )
     more = len(rows) > page.count
     rows = rows[: page.count]
@@ -175,9 +230,14 @@ def everything_bundle(
     since: datetime | None,
     page: Page,
     self_link: str,
+    access: AccessControl = UNRESTRICTED_ACCESS,
+    audit: AuditNotes | None = None,
 ) -> JSONObject:
     """Return a page of Patient/$everything: the compartment and what it references."""
-    read_resource(session, resource_type="Patient", resource_id=patient_id)
+    # A visible Patient means a visible compartment: the whole record is one grant.
+    read_resource(
+        session, resource_type="Patient", resource_id=patient_id, access=access, audit=audit
+    )
     for resource_type in types or ():
         check_resource_type(resource_type)
     after = None
@@ -218,19 +278,34 @@ def everything_bundle(
 
 
 def search_bundle(
-    session: Session, *, base_url: str, resource_type: str, query: str, strict: bool = False
+    session: Session,
+    *,
+    base_url: str,
+    resource_type: str,
+    query: str,
+    strict: bool = False,
+    access: AccessControl = UNRESTRICTED_ACCESS,
 ) -> JSONObject:
     """Answer a search given as a query string (a GET entry of a batch Bundle)."""
+    access.check("search", resource_type)
     return search_service.search(
         session,
         resource_type=resource_type,
         pairs=parse_qsl(query, keep_blank_values=True),
         base_url=base_url,
         strict=strict,
+        scope=search_scope(access),
     )
 
 
-def read_entry(session: Session, entry: EntryRequest, *, base_url: str) -> EntryResult:
+def read_entry(
+    session: Session,
+    entry: EntryRequest,
+    *,
+    base_url: str,
+    access: AccessControl = UNRESTRICTED_ACCESS,
+    audit: AuditNotes | None = None,
+) -> EntryResult:
     """Answer a GET or HEAD entry of a Bundle."""
     if entry.resource_type is None:
         raise UnparsableBody("a GET entry must name a resource type")
@@ -240,15 +315,25 @@ def read_entry(session: Session, entry: EntryRequest, *, base_url: str) -> Entry
             base_url=base_url,
             resource_type=entry.resource_type,
             query=entry.query,
+            access=access,
         )
         return EntryResult(200, entry.resource_type, search_bundle=bundle)
     if entry.resource_id is None:
         raise UnparsableBody("a GET entry must name a resource or a search")
+    access.check("read", entry.resource_type)
     if entry.version_id is not None:
         return vread_resource(
             session,
             resource_type=entry.resource_type,
             resource_id=entry.resource_id,
             version_id=entry.version_id,
+            access=access,
+            audit=audit,
         )
-    return read_resource(session, resource_type=entry.resource_type, resource_id=entry.resource_id)
+    return read_resource(
+        session,
+        resource_type=entry.resource_type,
+        resource_id=entry.resource_id,
+        access=access,
+        audit=audit,
+    )

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from typing import cast as typing_cast
 
 import orjson
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
+    ColumnElement,
+    FromClause,
     Row,
+    Table,
     Text,
     TextClause,
     and_,
     cast,
     delete,
+    exists,
     func,
     literal_column,
     or_,
@@ -40,6 +45,9 @@ from fhir_api.search_index import IndexValues
 from hub.db import copy_rows
 
 SIDE_TABLES = (SearchStringRow, SearchDateRow, SearchQuantityRow, SearchUriRow)
+RESOURCE = typing_cast(Table, ResourceRow.__table__)
+# The current row of a historical version, where the caller's scope is checked.
+CURRENT = RESOURCE.alias("current_row")
 
 
 @dataclass(slots=True)
@@ -89,13 +97,21 @@ def lock_keys(session: Session, keys: Iterable[str], *, timeout_ms: int | None =
     )
 
 
-def get_current(session: Session, resource_type: str, resource_id: str) -> ResourceRow | None:
-    """Return the current row of a resource, tombstones included."""
+def get_current(
+    session: Session,
+    resource_type: str,
+    resource_id: str,
+    *,
+    condition: ColumnElement[bool] | None = None,
+) -> ResourceRow | None:
+    """Return the current row of a resource, tombstones included, if `condition` holds."""
     statement = (
         select(ResourceRow)
         .where(ResourceRow.resource_type == resource_type, ResourceRow.id == resource_id)
         .execution_options(populate_existing=True)
     )
+    if condition is not None:
+        statement = statement.where(condition)
     return session.execute(statement).scalar_one_or_none()
 
 
@@ -325,9 +341,24 @@ def list_history(
     since: datetime | None,
     before: Any,
     limit: int,
+    condition: Callable[[FromClause], ColumnElement[bool] | None] | None = None,
 ) -> list[ResourceVersionRow]:
-    """Return versions newest first, from a keyset cursor (last_updated, type, id, vid)."""
+    """Return versions newest first, from a keyset cursor (last_updated, type, id, vid).
+
+    `condition` (the caller's row scope) is checked on each version's current row.
+    """
     statement = select(ResourceVersionRow)
+    visible = condition(CURRENT) if condition is not None else None
+    if visible is not None:
+        statement = statement.where(
+            exists(
+                select(CURRENT.c.id).where(
+                    CURRENT.c.resource_type == ResourceVersionRow.resource_type,
+                    CURRENT.c.id == ResourceVersionRow.id,
+                    visible,
+                )
+            )
+        )
     if resource_type is not None:
         statement = statement.where(ResourceVersionRow.resource_type == resource_type)
     if resource_id is not None:
@@ -468,3 +499,56 @@ def add_receipt(
             "response": orjson.dumps(response).decode(),
         },
     )
+
+
+_ADD_CARE_RELATIONSHIPS = text(
+    "INSERT INTO care_relationship (grantee, patient_id) "
+    "SELECT g, p FROM unnest(CAST(:grantees AS text[]), CAST(:patients AS text[])) AS x(g, p) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+def add_care_relationships(session: Session, pairs: Iterable[tuple[str, str]]) -> None:
+    """Record (grantee, patient) care relationships; known ones are left alone."""
+    # Sorted, so two writers granting overlapping pairs wait on each other in
+    # the same order instead of deadlocking.
+    ordered = sorted(set(pairs))
+    if ordered:
+        session.execute(
+            _ADD_CARE_RELATIONSHIPS,
+            {"grantees": [g for g, _ in ordered], "patients": [p for _, p in ordered]},
+        )
+
+
+_ORGANIZATION_REGIONS = text(
+    "SELECT o.id, i ->> 'value' FROM fhir_resource AS o "
+    "LEFT JOIN fhir_resource AS parent ON parent.resource_type = 'Organization' "
+    "AND parent.id = split_part(o.resource #>> '{partOf,reference}', '/', 2) "
+    "CROSS JOIN LATERAL jsonb_array_elements("
+    "coalesce(o.resource -> 'identifier', CAST('[]' AS jsonb)) "
+    "|| coalesce(parent.resource -> 'identifier', CAST('[]' AS jsonb))) AS i "
+    "WHERE o.resource_type = 'Organization' AND o.id = ANY(CAST(:ids AS text[])) "
+    "AND NOT o.deleted AND i ->> 'system' = :system"
+)
+
+
+def list_organization_regions(
+    session: Session, organization_ids: Sequence[str], *, region_system: str
+) -> dict[str, str]:
+    """Return the region code of each Organization: its own region identifier or its parent's."""
+    rows = session.execute(
+        _ORGANIZATION_REGIONS, {"ids": list(organization_ids), "system": region_system}
+    )
+    return {str(row[0]): str(row[1]) for row in rows}
+
+
+def list_hidden(
+    session: Session, keys: Sequence[tuple[str, str]], condition: ColumnElement[bool]
+) -> set[tuple[str, str]]:
+    """Return which of these existing resources fail the caller's row condition."""
+    if not keys:
+        return set()
+    statement = select(RESOURCE.c.resource_type, RESOURCE.c.id).where(
+        tuple_(RESOURCE.c.resource_type, RESOURCE.c.id).in_(list(keys)), ~condition
+    )
+    return {(str(row[0]), str(row[1])) for row in session.execute(statement)}

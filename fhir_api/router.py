@@ -10,15 +10,14 @@ from urllib.parse import parse_qsl
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
-from sqlalchemy.orm import Session
 
 from fhir_api import reads, search, service
 from fhir_api.capability import capability_statement
-from fhir_api.context import RequestContext
+from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
 from fhir_api.errors import UnparsableBody
 from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
-from hub.db import SessionDep
+from hub.db import session_scope
 from hub.errors import FHIR_MEDIA_TYPE, PayloadTooLarge, UnsupportedMediaType
 from hub.settings import Settings, get_settings
 
@@ -58,13 +57,24 @@ async def fhir_body(request: Request, settings: SettingsDep) -> bytes:
     return b"".join(chunks)
 
 
-def request_context(request: Request) -> RequestContext:
-    """Describe the caller; the auth layer replaces the anonymous identity."""
-    request_id = getattr(request.state, "request_id", "-")
-    principal = getattr(request.state, "principal", None)
-    client_id = getattr(principal, "client_id", "anonymous")
-    author = getattr(principal, "author", client_id)
-    return RequestContext(client_id=client_id, author=author, request_id=request_id)
+async def request_context(request: Request) -> RequestContext:
+    """Describe the caller from what the auth layer attached to the request.
+
+    Async on purpose, like every dependency here: a sync dependency costs a
+    thread hand-off per request, which measured more than the query itself.
+    """
+    state = request.state
+    access: AccessControl = getattr(state, "access", None) or UNRESTRICTED_ACCESS
+    audit = AuditNotes()
+    state.audit = audit
+    return RequestContext(
+        client_id=getattr(access, "client_id", "anonymous"),
+        author=getattr(access, "author", "anonymous"),
+        request_id=getattr(state, "request_id", "-"),
+        unit=getattr(access, "unit", None),
+        access=access,
+        audit=audit,
+    )
 
 
 BodyDep = Annotated[bytes, Depends(fhir_body)]
@@ -147,7 +157,7 @@ def _page(settings: Settings, count: int | None, cursor: str | None) -> reads.Pa
 
 def _history(
     request: Request,
-    session: Session,
+    context: RequestContext,
     settings: Settings,
     *,
     resource_type: str | None,
@@ -156,15 +166,19 @@ def _history(
     cursor: str | None,
     since: str | None,
 ) -> Response:
-    bundle = reads.history_bundle(
-        session,
-        base_url=settings.fhir_base_url,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        since=_parse_since(since),
-        page=_page(settings, count, cursor),
-        self_link=_self_link(request, settings),
-    )
+    context.access.check("history", resource_type)
+    with session_scope() as session:
+        bundle = reads.history_bundle(
+            session,
+            base_url=settings.fhir_base_url,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            since=_parse_since(since),
+            page=_page(settings, count, cursor),
+            self_link=_self_link(request, settings),
+            access=context.access,
+            audit=context.audit,
+        )
     return fhir_response(bundle)
 
 
@@ -187,31 +201,34 @@ def _capability_bytes(base_url: str) -> bytes:
 
 @router.post("", response_model=None)
 def bundle_interaction(
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
     body: BodyDep,
     prefer: PreferHeader = None,
 ) -> Response:
     """Process a transaction or batch Bundle."""
-    status, response = service.process_bundle(
-        session,
-        parse_json(body),
-        context=context,
-        settings=write_settings(settings),
-        limits=service.BundleLimits(
-            max_entries=settings.max_bundle_entries,
-            idempotency_wait_seconds=settings.idempotency_wait_seconds,
-        ),
-        representation=_prefer_return(prefer) == "representation" and prefer is not None,
-    )
+    document = parse_json(body)
+    if context.audit is not None and document.get("type") == "batch":
+        context.audit.interaction = "batch"
+    with session_scope() as session:
+        status, response = service.process_bundle(
+            session,
+            document,
+            context=context,
+            settings=write_settings(settings),
+            limits=service.BundleLimits(
+                max_entries=settings.max_bundle_entries,
+                idempotency_wait_seconds=settings.idempotency_wait_seconds,
+            ),
+            representation=_prefer_return(prefer) == "representation" and prefer is not None,
+        )
     return fhir_response(response, status)
 
 
 @router.get("/_history", response_model=None)
 def system_history(
     request: Request,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     count: CountQuery = None,
     cursor: CursorQuery = None,
@@ -220,7 +237,7 @@ def system_history(
     """Answer the history of every resource."""
     return _history(
         request,
-        session,
+        context,
         settings,
         resource_type=None,
         resource_id=None,
@@ -232,15 +249,38 @@ def system_history(
 
 @router.get("", response_model=None)
 def system_search(
-    request: Request, session: SessionDep, settings: SettingsDep, prefer: PreferHeader = None
+    request: Request, context: ContextDep, settings: SettingsDep, prefer: PreferHeader = None
 ) -> Response:
     """Search several types at once (`_type=Patient,Observation`)."""
-    bundle = search.system_search(
-        session,
-        pairs=request.query_params.multi_items(),
-        base_url=settings.fhir_base_url,
-        strict=_strict_handling(prefer),
-    )
+    context.access.check("search", None)
+    with session_scope() as session:
+        bundle = search.system_search(
+            session,
+            pairs=request.query_params.multi_items(),
+            base_url=settings.fhir_base_url,
+            strict=_strict_handling(prefer),
+            scope=reads.search_scope(context.access),
+        )
+    return fhir_response(bundle)
+
+
+def _search(
+    resource_type: str,
+    pairs: list[tuple[str, str]],
+    context: RequestContext,
+    settings: Settings,
+    prefer: str | None,
+) -> Response:
+    context.access.check("search", resource_type)
+    with session_scope() as session:
+        bundle = search.search(
+            session,
+            resource_type=resource_type,
+            pairs=pairs,
+            base_url=settings.fhir_base_url,
+            strict=_strict_handling(prefer),
+            scope=reads.search_scope(context.access),
+        )
     return fhir_response(bundle)
 
 
@@ -248,25 +288,24 @@ def system_search(
 def search_type(
     resource_type: str,
     request: Request,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     prefer: PreferHeader = None,
 ) -> Response:
     """Search one type."""
-    bundle = search.search(
-        session,
-        resource_type=resource_type,
-        pairs=request.query_params.multi_items(),
-        base_url=settings.fhir_base_url,
-        strict=_strict_handling(prefer),
-    )
-    return fhir_response(bundle)
+    return _search(resource_type, request.query_params.multi_items(), context, settings, prefer)
+
+
+def _write(entry: EntryRequest, context: RequestContext, settings: Settings) -> EntryResult:
+    with session_scope() as session:
+        return service.run_interaction(
+            session, entry, context=context, settings=write_settings(settings)
+        )
 
 
 @router.post("/{resource_type}", response_model=None)
 def create(
     resource_type: str,
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
     body: BodyDep,
@@ -280,9 +319,7 @@ def create(
         resource=parse_json(body),
         if_none_exist=if_none_exist,
     )
-    result = service.run_interaction(
-        session, entry, context=context, settings=write_settings(settings)
-    )
+    result = _write(entry, context, settings)
     return _write_response(result, prefer, settings.fhir_base_url)
 
 
@@ -290,7 +327,6 @@ def create(
 def conditional_update(
     resource_type: str,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
     body: BodyDep,
@@ -307,9 +343,7 @@ def conditional_update(
         resource=parse_json(body),
         if_match=if_match,
     )
-    result = service.run_interaction(
-        session, entry, context=context, settings=write_settings(settings)
-    )
+    result = _write(entry, context, settings)
     return _write_response(result, prefer, settings.fhir_base_url)
 
 
@@ -317,7 +351,6 @@ def conditional_update(
 def conditional_delete(
     resource_type: str,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
 ) -> Response:
@@ -325,9 +358,7 @@ def conditional_delete(
     if not request.url.query:
         raise UnparsableBody("a conditional delete needs search criteria")
     entry = EntryRequest(method="DELETE", resource_type=resource_type, query=request.url.query)
-    result = service.run_interaction(
-        session, entry, context=context, settings=write_settings(settings)
-    )
+    result = _write(entry, context, settings)
     return Response(status_code=204, headers=_resource_headers(result, settings.fhir_base_url))
 
 
@@ -335,7 +366,7 @@ def conditional_delete(
 def type_history(
     resource_type: str,
     request: Request,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     count: CountQuery = None,
     cursor: CursorQuery = None,
@@ -344,7 +375,7 @@ def type_history(
     """Answer the history of every resource of a type."""
     return _history(
         request,
-        session,
+        context,
         settings,
         resource_type=resource_type,
         resource_id=None,
@@ -375,28 +406,29 @@ SearchFormDep = Annotated[list[tuple[str, str]], Depends(search_form)]
 @router.post("/{resource_type}/_search", response_model=None)
 def search_type_post(
     resource_type: str,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     pairs: SearchFormDep,
     prefer: PreferHeader = None,
 ) -> Response:
     """Search one type with form-encoded parameters."""
-    bundle = search.search(
-        session,
-        resource_type=resource_type,
-        pairs=pairs,
-        base_url=settings.fhir_base_url,
-        strict=_strict_handling(prefer),
-    )
-    return fhir_response(bundle)
+    return _search(resource_type, pairs, context, settings, prefer)
 
 
 @router.get("/{resource_type}/{resource_id}", response_model=None)
 def read(
-    resource_type: str, resource_id: str, session: SessionDep, settings: SettingsDep
+    resource_type: str, resource_id: str, context: ContextDep, settings: SettingsDep
 ) -> Response:
     """Read the current version of a resource."""
-    result = reads.read_resource(session, resource_type=resource_type, resource_id=resource_id)
+    context.access.check("read", resource_type)
+    with session_scope() as session:
+        result = reads.read_resource(
+            session,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            access=context.access,
+            audit=context.audit,
+        )
     return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
 
 
@@ -404,7 +436,6 @@ def read(
 def update(
     resource_type: str,
     resource_id: str,
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
     body: BodyDep,
@@ -421,9 +452,7 @@ def update(
         if_match=if_match,
         if_none_match=if_none_match,
     )
-    result = service.run_interaction(
-        session, entry, context=context, settings=write_settings(settings)
-    )
+    result = _write(entry, context, settings)
     return _write_response(result, prefer, settings.fhir_base_url)
 
 
@@ -431,7 +460,6 @@ def update(
 def delete(
     resource_type: str,
     resource_id: str,
-    session: SessionDep,
     settings: SettingsDep,
     context: ContextDep,
     if_match: Annotated[str | None, Header(alias="If-Match")] = None,
@@ -440,9 +468,7 @@ def delete(
     entry = EntryRequest(
         method="DELETE", resource_type=resource_type, resource_id=resource_id, if_match=if_match
     )
-    result = service.run_interaction(
-        session, entry, context=context, settings=write_settings(settings)
-    )
+    result = _write(entry, context, settings)
     return Response(status_code=204, headers=_resource_headers(result, settings.fhir_base_url))
 
 
@@ -451,7 +477,7 @@ def instance_history(
     resource_type: str,
     resource_id: str,
     request: Request,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     count: CountQuery = None,
     cursor: CursorQuery = None,
@@ -460,7 +486,7 @@ def instance_history(
     """Answer every version of one resource."""
     return _history(
         request,
-        session,
+        context,
         settings,
         resource_type=resource_type,
         resource_id=resource_id,
@@ -475,13 +501,20 @@ def vread(
     resource_type: str,
     resource_id: str,
     version_id: str,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
 ) -> Response:
     """Read one version of a resource."""
-    result = reads.vread_resource(
-        session, resource_type=resource_type, resource_id=resource_id, version_id=version_id
-    )
+    context.access.check("vread", resource_type)
+    with session_scope() as session:
+        result = reads.vread_resource(
+            session,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            version_id=version_id,
+            access=context.access,
+            audit=context.audit,
+        )
     return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
 
 
@@ -489,7 +522,7 @@ def vread(
 def patient_everything(
     patient_id: str,
     request: Request,
-    session: SessionDep,
+    context: ContextDep,
     settings: SettingsDep,
     count: CountQuery = None,
     cursor: CursorQuery = None,
@@ -497,13 +530,17 @@ def patient_everything(
     types: Annotated[str | None, Query(alias="_type")] = None,
 ) -> Response:
     """Answer Patient/$everything: the patient's compartment and what it references."""
-    bundle = reads.everything_bundle(
-        session,
-        base_url=settings.fhir_base_url,
-        patient_id=patient_id,
-        types=[t for t in types.split(",") if t] if types else None,
-        since=_parse_since(since),
-        page=_page(settings, count, cursor),
-        self_link=_self_link(request, settings),
-    )
+    context.access.check("everything", "Patient")
+    with session_scope() as session:
+        bundle = reads.everything_bundle(
+            session,
+            base_url=settings.fhir_base_url,
+            patient_id=patient_id,
+            types=[t for t in types.split(",") if t] if types else None,
+            since=_parse_since(since),
+            page=_page(settings, count, cursor),
+            self_link=_self_link(request, settings),
+            access=context.access,
+            audit=context.audit,
+        )
     return fhir_response(bundle)

@@ -292,3 +292,14 @@ def warm_up() -> None:
     """
     compile_all()
     supported_resource_types()
+
+
+def device_status(session: Session, device_id: str) -> str | None:
+    """Return a Device's status ("inactive" once deleted), or None when there is no such Device."""
+    row = repository.get_current(session, "Device", device_id)
+    if row is None:
+        return None
+    if row.deleted:
+        return "inactive"
+    status = (row.resource or {}).get("status")
+    return status if isinstance(status, str) else None

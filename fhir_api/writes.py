@@ -40,6 +40,11 @@ from hub.errors import Issue, WahaError
 
 RESOURCE_CHANGED = "fhir.resource_changed"
 WRITE_METHODS = ("DELETE", "POST", "PUT")
+WRITE_INTERACTION = {"POST": "create", "PUT": "update", "DELETE": "delete"}
+# Organizations name their region with this identifier (the region's own
+# Organization does; a unit's Organization is `partOf` it).
+SID_REGION = "https://waha.health/fhir/sid/region"
+SERVICE_PROVIDER = "service-provider=Organization/"
 
 
 @dataclass(slots=True)
@@ -216,6 +221,8 @@ class TransactionEngine:
         for item in planned:
             entry = item.entry
             try:
+                if entry.method in WRITE_INTERACTION:
+                    self.context.access.check(WRITE_INTERACTION[entry.method], entry.resource_type)
                 if entry.resource_type is not None:
                     check_resource_type(entry.resource_type)
                 if entry.resource_id is not None:
@@ -431,6 +438,7 @@ class TransactionEngine:
             and item.target_id is not None
         ]
         current = repository.list_current_versions(self.session, keys)
+        self._check_visible_targets(writes, current)
         # A PUT of unchanged content writes no version (R4 permits it), so a
         # unit's retried update or a reloaded reference set leaves history alone.
         updated_keys = [
@@ -519,10 +527,63 @@ class TransactionEngine:
                 created=existing is None or existing[1],
             )
         repository.write_versions(self.session, version_writes)
+        self._record_care_relationships(version_writes)
         outbox.add_events(
             self.session, RESOURCE_CHANGED, events, request_id=self.context.request_id
         )
         return results
+
+    def _check_visible_targets(
+        self, writes: Sequence[_Planned], current: dict[tuple[str, str], tuple[int, bool]]
+    ) -> None:
+        """Answer 404 for an update or delete of a resource the caller may not see."""
+        condition = self.context.access.row_condition(repository.RESOURCE)
+        if condition is None:
+            return
+        existing = [key for key, (_, deleted) in current.items() if not deleted]
+        hidden = repository.list_hidden(self.session, existing, condition)
+        for item in writes:
+            key = (item.entry.resource_type, item.target_id)
+            if key in hidden:
+                self._fail(item, ResourceNotFound(f"{key[0]}/{key[1]} is not known"))
+
+    def _record_care_relationships(self, version_writes: Sequence[repository.VersionWrite]) -> None:
+        """Grow care relationships from what was written (DESIGN.md "Access rules").
+
+        The writing unit gains every patient it wrote into; an Encounter gives
+        its serviceProvider unit, and that unit's region, the Encounter's patient.
+        """
+        pairs: set[tuple[str, str]] = set()
+        providers: dict[str, set[str]] = {}
+        unit = self.context.unit
+        audit = self.context.audit
+        for write in version_writes:
+            if write.index is None:
+                continue
+            patient_ids = write.index.patient_ids
+            if audit is not None:
+                audit.touched(write.resource_type, write.id, patient_ids)
+            if not patient_ids:
+                continue
+            if unit is not None:
+                providers.setdefault(unit, set()).update(patient_ids)
+            if write.resource_type == "Encounter":
+                for reference in write.index.references:
+                    if reference.startswith(SERVICE_PROVIDER):
+                        organization = reference[len(SERVICE_PROVIDER) :]
+                        providers.setdefault(organization, set()).update(patient_ids)
+        if not providers:
+            return
+        regions = repository.list_organization_regions(
+            self.session, sorted(providers), region_system=SID_REGION
+        )
+        for organization, patients in providers.items():
+            region = regions.get(organization)
+            for patient_id in patients:
+                pairs.add((f"unit:{organization}", patient_id))
+                if region is not None:
+                    pairs.add((f"region:{region}", patient_id))
+        repository.add_care_relationships(self.session, pairs)
 
     def _check_preconditions(self, entry: EntryRequest, existing: tuple[int, bool] | None) -> None:
         if entry.if_match is not None:
@@ -554,6 +615,12 @@ class TransactionEngine:
     def _read(self, item: _Planned) -> EntryResult:
         from fhir_api import reads  # noqa: PLC0415 - reads imports this module's types
 
-        result = reads.read_entry(self.session, item.entry, base_url=self.settings.base_url)
+        result = reads.read_entry(
+            self.session,
+            item.entry,
+            base_url=self.settings.base_url,
+            access=self.context.access,
+            audit=self.context.audit,
+        )
         result.is_read = True
         return result

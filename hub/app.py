@@ -7,8 +7,14 @@ import uuid
 
 import structlog
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from auth.audit.middleware import AuditMiddleware, denied_recorder
+from auth.audit.router import router as audit_router
+from auth.middleware import BearerAuthMiddleware, UnitRegistry
+from auth.router import router as auth_router
+from auth.tokens import TokenValidator
 from fhir_api import service as fhir_service
 from fhir_api.router import public_router as fhir_public_router
 from fhir_api.router import router as fhir_router
@@ -85,9 +91,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
         openapi_url="/openapi.json",
     )
-    app.dependency_overrides[get_settings] = lambda: settings
+
+    async def app_settings() -> Settings:
+        # Async: a sync dependency is a thread hand-off on every request.
+        return settings
+
+    app.dependency_overrides[get_settings] = app_settings
     install_error_handlers(app)
 
+    # Added innermost first. The request log sees (and times) everything; the
+    # bearer check runs before the audit, which then knows who is calling.
+    app.add_middleware(AuditMiddleware, bind=_session_factory)
+    app.add_middleware(
+        BearerAuthMiddleware,
+        validator=TokenValidator.from_settings(settings),
+        units=UnitRegistry(_unit_device_status, ttl_seconds=settings.unit_status_cache_seconds),
+        on_denied=denied_recorder(_session_factory),
+    )
     app.add_middleware(RequestLogMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
@@ -96,12 +116,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(fhir_public_router)
+    app.include_router(auth_router)
+    # Before fhir_api's generic /fhir/{type} routes: the audit trail has its own store.
+    app.include_router(audit_router)
     # Before fhir_api's generic /fhir/{type} routes, which would match Binary too.
     app.include_router(imaging_router)
     app.include_router(fhir_router)
     # The bucket is made now if the store answers; if not, on first use.
     imaging_service.prepare_storage(settings)
     return app
+
+
+def _session_factory() -> sessionmaker[Session]:
+    return db.session_factory
+
+
+def _unit_device_status(unit: str) -> str | None:
+    """Return the status of a unit's Device (`Device/<unit>`), None when it has none."""
+    with db.session_scope() as session:
+        return fhir_service.device_status(session, unit)
 
 
 def _connect_outbox_notifier() -> None:

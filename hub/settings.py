@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket: str = "waha-binaries"
+    # Resumable (tus) uploads: the largest accepted Upload-Length (DESIGN.md
+    # "Ingest rules": 2 GB), and how long an unfinished upload waits for its
+    # next PATCH before the sweep removes it (each PATCH extends it).
+    max_tus_upload_bytes: int = 2 * 1024**3
+    tus_upload_expiry_hours: float = 24.0
 
     # Ingest limits (DESIGN.md "Ingest rules"); beyond them the API answers 413.
     max_json_body_bytes: int = 32 * 1024 * 1024
@@ -60,6 +65,9 @@ class Settings(BaseSettings):
     # turn into a flood of requests to the issuer).
     oidc_leeway_seconds: int = 30
     oidc_jwks_refetch_seconds: float = 10.0
+    # How long a unit's Device status is trusted before it is read again: a
+    # revoked unit's tokens stop working within this time (DESIGN.md: ≤ 30 s).
+    unit_status_cache_seconds: float = 10.0
     # Where the embedded dev issuer keeps its signing keys across restarts.
     dev_issuer_data_dir: Path = Path("var/dev-issuer")
 

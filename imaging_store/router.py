@@ -30,7 +30,7 @@ JSON_ENVELOPE_BYTES = 64 * 1024
 router = APIRouter(prefix="/fhir/Binary")
 
 
-def upload_caller(request: Request) -> service.Caller:
+async def upload_caller(request: Request) -> service.Caller:
     """Describe the caller; the auth layer replaces the anonymous identity."""
     principal = getattr(request.state, "principal", None)
     client_id = getattr(principal, "client_id", "anonymous")
@@ -41,7 +41,7 @@ def upload_caller(request: Request) -> service.Caller:
     )
 
 
-def storage(settings: SettingsDep) -> BinaryStorage:
+async def storage(settings: SettingsDep) -> BinaryStorage:
     """Return the object store of these settings."""
     return service.binary_storage(settings)
 

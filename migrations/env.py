@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import auth.audit.models  # noqa: F401 - registers the audit trail's table
 import fhir_api.models  # noqa: F401 - registers the record store's tables
 import hub.outbox  # noqa: F401 - registers the outbox table
 import imaging_store.models  # noqa: F401 - registers the imaging store's table

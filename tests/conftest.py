@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,10 +19,12 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from auth.dev_issuer.app import create_issuer_app
 from hub import db, outbox
 from hub.app import create_app
 from hub.cli import alembic_config
 from hub.settings import Settings
+from tests.servers import TokenSource, free_port, serve
 
 ADMIN_URL = os.environ.get(
     "WAHA_TEST_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -39,6 +41,8 @@ DATA_TABLES = (
     "fhir_bundle_receipt",
     "outbox_event",
     "binary_object",
+    "care_relationship",
+    "audit_event",
 )
 
 
@@ -58,7 +62,45 @@ def run_id(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(worker_id: str, run_id: str) -> Settings:
+def issuer_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev data folder (signing keys) of this worker's issuer."""
+    return tmp_path_factory.mktemp("dev-issuer")
+
+
+@pytest.fixture(scope="session")
+def issuer_base(issuer_data_dir: Path) -> Iterator[str]:
+    """Base URL of a real dev issuer shared by this worker's tests (never rotated)."""
+    issuer_settings = Settings(env="test", dev_issuer_data_dir=issuer_data_dir, log_json=True)
+    with serve(create_issuer_app(issuer_settings)) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def issuer_url(issuer_base: str) -> str:
+    """The issuer identifier (`iss`) of the shared dev issuer."""
+    return f"{issuer_base}/realms/waha"
+
+
+@pytest.fixture(scope="session")
+def token_url(issuer_url: str) -> str:
+    """The token endpoint of the shared dev issuer."""
+    return f"{issuer_url}/protocol/openid-connect/token"
+
+
+@pytest.fixture(scope="session")
+def tokens(token_url: str) -> TokenSource:
+    """Access tokens of the dev users and unit clients."""
+    return TokenSource(token_url)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(tokens: TokenSource) -> Callable[[str], dict[str, str]]:
+    """`auth_headers("unit-01")` → the Authorization header of that user or unit client."""
+    return tokens.headers
+
+
+@pytest.fixture(scope="session")
+def settings(worker_id: str, run_id: str, issuer_url: str) -> Settings:
     """Settings of the test run: the app role on this worker's own database."""
     admin = make_url(ADMIN_URL)
     name = _database_name(worker_id, run_id)
@@ -69,6 +111,8 @@ def settings(worker_id: str, run_id: str) -> Settings:
         migration_database_url=f"postgresql+psycopg://{OWNER_ROLE}@{host}:{port}/{name}",
         log_json=True,
         idempotency_wait_seconds=20,
+        oidc_issuer=issuer_url,
+        oidc_internal_url=issuer_url,
     )
 
 
@@ -117,22 +161,20 @@ def app(settings: Settings, db_engine: Engine) -> FastAPI:
 
 
 @pytest.fixture
-def client(app: FastAPI, session: Session) -> Iterator[TestClient]:
-    """An HTTP client whose requests join the test's rolled-back transaction."""
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+def client(
+    app: FastAPI, session: Session, auth_headers: Callable[[str], dict[str, str]]
+) -> Iterator[TestClient]:
+    """An admin's HTTP client whose requests join the test's rolled-back transaction."""
+    with TestClient(
+        app, raise_server_exceptions=False, headers=auth_headers("admin")
+    ) as test_client:
         yield test_client
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def live_server(app: FastAPI) -> Iterator[str]:
     """Serve the app on a free port over real connections (committing for real)."""
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

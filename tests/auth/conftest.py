@@ -2,88 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-import uvicorn
-from fastapi import FastAPI
 from jwcrypto import jwk, jwt
 
-from auth.dev_issuer.app import create_issuer_app
 from auth.dev_issuer.keys import KeyStore
 from hub.settings import Settings
+from tests.servers import free_port, serve
+
+__all__ = ["free_port", "serve"]
 
 REALM = "waha"
-
-
-def free_port() -> int:
-    """Return a TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Serve an app with uvicorn on a free port; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError("the dev issuer did not start")
-    try:
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def issuer_settings(data_dir: Path) -> Settings:
     """Settings of a test dev issuer keeping its keys in `data_dir`."""
     return Settings(env="test", dev_issuer_data_dir=data_dir, log_json=True)
-
-
-@pytest.fixture(scope="session")
-def issuer_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The dev data folder of this worker's shared issuer."""
-    return tmp_path_factory.mktemp("dev-issuer")
-
-
-@pytest.fixture(scope="session")
-def issuer_base(issuer_data_dir: Path) -> Iterator[str]:
-    """Base URL of a dev issuer shared by this worker's tests (never rotated)."""
-    with serve(create_issuer_app(issuer_settings(issuer_data_dir))) as base:
-        yield base
-
-
-@pytest.fixture(scope="session")
-def issuer_url(issuer_base: str) -> str:
-    """The issuer identifier (`iss`) of the shared dev issuer."""
-    return f"{issuer_base}/realms/{REALM}"
-
-
-@pytest.fixture(scope="session")
-def token_url(issuer_url: str) -> str:
-    """The token endpoint of the shared dev issuer."""
-    return f"{issuer_url}/protocol/openid-connect/token"
 
 
 def decode_unverified(token: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,9 +16,11 @@ from tests.builders import unit_bundle
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 
-def _post_all(base: str, bundles: list[dict[str, object]]) -> list[httpx.Response]:
+def _post_all(
+    base: str, bundles: list[dict[str, object]], headers: dict[str, str]
+) -> list[httpx.Response]:
     def post(bundle: dict[str, object]) -> httpx.Response:
-        with httpx.Client(base_url=base, timeout=60) as http:
+        with httpx.Client(base_url=base, timeout=60, headers=headers) as http:
             return http.post("/fhir", json=bundle, headers=FHIR_JSON)
 
     with ThreadPoolExecutor(max_workers=len(bundles)) as pool:
@@ -30,11 +33,14 @@ def _patient_ids(responses: list[httpx.Response]) -> set[str]:
 
 @pytest.mark.parametrize("observations", [10, 300])
 def test_twenty_concurrent_conditional_creates_make_one_patient(
-    live_server: str, committed: Engine, observations: int
+    live_server: str,
+    committed: Engine,
+    observations: int,
+    auth_headers: Callable[[str], dict[str, str]],
 ) -> None:
     national_id = f"RACE-{uuid.uuid4().hex[:8]}"
     bundles = [unit_bundle(national_id, observations=observations) for _ in range(20)]
-    responses = _post_all(live_server, bundles)
+    responses = _post_all(live_server, bundles, auth_headers("unit-01"))
     assert [r.status_code for r in responses] == [200] * 20, [r.text[:300] for r in responses]
     assert len(_patient_ids(responses)) == 1
     with committed.connect() as connection:
@@ -52,10 +58,12 @@ def test_twenty_concurrent_conditional_creates_make_one_patient(
 
 
 def test_in_flight_duplicates_wait_and_return_the_first_answer(
-    live_server: str, committed: Engine
+    live_server: str, committed: Engine, auth_headers: Callable[[str], dict[str, str]]
 ) -> None:
     bundle = unit_bundle(f"DUP-{uuid.uuid4().hex[:8]}", observations=200)
-    responses = _post_all(live_server, [copy.deepcopy(bundle) for _ in range(8)])
+    responses = _post_all(
+        live_server, [copy.deepcopy(bundle) for _ in range(8)], auth_headers("unit-01")
+    )
     assert [r.status_code for r in responses] == [200] * 8
     bodies = [r.json() for r in responses]
     assert all(body == bodies[0] for body in bodies)

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,9 +97,13 @@ def s3_down_app(settings: Settings, db_engine: Engine) -> FastAPI:
 
 
 @pytest.fixture
-def s3_down_client(s3_down_app: FastAPI, session: Session) -> Iterator[TestClient]:
-    """An HTTP client of the application whose object store is down."""
-    with TestClient(s3_down_app, raise_server_exceptions=False) as test_client:
+def s3_down_client(
+    s3_down_app: FastAPI, session: Session, auth_headers: Callable[[str], dict[str, str]]
+) -> Iterator[TestClient]:
+    """An admin's HTTP client of the application whose object store is down."""
+    with TestClient(
+        s3_down_app, raise_server_exceptions=False, headers=auth_headers("admin")
+    ) as test_client:
         yield test_client
 
 

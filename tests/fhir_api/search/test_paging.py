@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -12,6 +13,8 @@ from sqlalchemy import Engine
 
 from tests.builders import patient
 from tests.fhir_api.search.helpers import FHIR_JSON
+
+AuthHeaders = Callable[[str], dict[str, str]]
 
 
 def _create_patients(http: httpx.Client, family: str, count: int) -> set[str]:
@@ -42,14 +45,15 @@ def _walk(http: httpx.Client, url: str) -> list[str]:
 
 @pytest.mark.parametrize("sort", ["", "&_sort=-_lastUpdated", "&_sort=birthdate", "&_sort=-name"])
 def test_pages_have_no_gaps_or_repeats_while_others_insert(
-    paging_server: str, committed: Engine, sort: str
+    paging_server: str, committed: Engine, sort: str, auth_headers: AuthHeaders
 ) -> None:
-    with httpx.Client(base_url=paging_server, timeout=30) as http:
+    admin = auth_headers("admin")
+    with httpx.Client(base_url=paging_server, timeout=30, headers=admin) as http:
         original = _create_patients(http, "Pager", 25)
         stop = threading.Event()
 
         def insert_more() -> None:
-            with httpx.Client(base_url=paging_server, timeout=30) as writer:
+            with httpx.Client(base_url=paging_server, timeout=30, headers=admin) as writer:
                 number = 0
                 while not stop.is_set():
                     number += 1
@@ -70,10 +74,13 @@ def test_pages_have_no_gaps_or_repeats_while_others_insert(
     assert original <= set(seen), "a resource present before the walk was skipped"
 
 
-def test_fhirpy_pages_through_a_search(paging_server: str, committed: Engine) -> None:
-    with httpx.Client(base_url=paging_server, timeout=30) as http:
+def test_fhirpy_pages_through_a_search(
+    paging_server: str, committed: Engine, auth_headers: AuthHeaders
+) -> None:
+    admin = auth_headers("admin")
+    with httpx.Client(base_url=paging_server, timeout=30, headers=admin) as http:
         created = _create_patients(http, "Fhirpy", 17)
-    client = SyncFHIRClient(f"{paging_server}/fhir")
+    client = SyncFHIRClient(f"{paging_server}/fhir", authorization=admin["Authorization"])
     search = client.resources("Patient").search(family="fhirpy").limit(5)
     fetched = search.fetch_all()
     assert sorted(str(p.id) for p in fetched) == sorted(created)

@@ -1,0 +1,184 @@
+"""Who may do what, and see which rows: DESIGN.md "Access rules" in one place.
+
+The record store asks an `Access` two things: may this caller do this
+interaction on this type at all (403 when not), and which `fhir_resource` rows
+it may see (an SQL condition every query carries, so rows outside the caller's
+reach are absent from reads, searches, includes, counts and history alike).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import ColumnElement, FromClause, Table, any_, exists, false, func, or_, select
+
+from auth.errors import Forbidden
+from auth.tokens import Principal
+from fhir_api.models import CareRelationshipRow
+
+CARE = cast(Table, CareRelationshipRow.__table__).alias("care")
+
+READ_INTERACTIONS = frozenset({"read", "vread", "history", "search", "everything"})
+WRITE_INTERACTIONS = frozenset({"create", "update", "delete"})
+# The roles that work with clinical records; relays and the ministry never do
+# (relays get appointment views, the ministry aggregates, in their own APIs).
+ROLE_INTERACTIONS: dict[str, frozenset[str]] = {
+    "admin": READ_INTERACTIONS | WRITE_INTERACTIONS,
+    "unit": READ_INTERACTIONS | WRITE_INTERACTIONS,
+    "coordinator": READ_INTERACTIONS | WRITE_INTERACTIONS,
+    "specialist": READ_INTERACTIONS | frozenset({"create", "update"}),
+}
+# Rows with no patient compartment (Organization, Location, Device…) are shared
+# reference data, except these: a Binary follows its own rule (the uploading
+# unit, then the patient of the Media citing it) and the audit is admin's.
+PRIVATE_TYPES = ("Binary", "AuditEvent")
+# SMART on FHIR scopes: v2 `user/Observation.rs`, v1 `user/Observation.read`.
+SMART_SCOPE = re.compile(
+    r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]+)\.(?P<perms>read|write|\*|[cruds]+)(?:\?.*)?$"
+)
+SMART_V1 = {"read": "rs", "write": "cud", "*": "cruds"}
+INTERACTION_PERMISSION = {
+    "read": "r",
+    "vread": "r",
+    "history": "r",
+    "everything": "r",
+    "search": "s",
+    "create": "c",
+    "update": "u",
+    "delete": "d",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SmartPermissions:
+    """What SMART scopes in a token allow, per resource type (`*` for all)."""
+
+    by_type: dict[str, frozenset[str]]
+
+    def allows(self, permission: str, resource_type: str | None) -> bool:
+        """Return whether some scope grants `permission` on the type."""
+        for scoped_type in ("*", resource_type):
+            if scoped_type is not None and permission in self.by_type.get(scoped_type, ()):
+                return True
+        return False
+
+    def readable_types(self) -> list[str] | None:
+        """Return the types the scopes let the caller read, or None for every type."""
+        readable = [t for t, perms in self.by_type.items() if perms & {"r", "s"}]
+        return None if "*" in readable else readable
+
+
+def smart_permissions(scopes: Iterable[str]) -> SmartPermissions | None:
+    """Parse SMART resource scopes; None when the token carries none (nothing narrows)."""
+    by_type: dict[str, set[str]] = {}
+    for scope in scopes:
+        match = SMART_SCOPE.match(scope)
+        if match is None:
+            continue
+        perms = match["perms"]
+        letters = SMART_V1.get(perms, perms)
+        by_type.setdefault(match["type"], set()).update(letters)
+    if not by_type:
+        return None
+    return SmartPermissions({t: frozenset(p) for t, p in by_type.items()})
+
+
+def grantees_of(principal: Principal) -> tuple[str, ...]:
+    """Return the care-relationship grantees a principal's roles and claims give."""
+    grantees: list[str] = []
+    if principal.has_role("unit"):
+        grantees.append(f"unit:{principal.unit or principal.client_id}")
+    if principal.has_role("coordinator") and principal.region:
+        grantees.append(f"region:{principal.region}")
+    if principal.has_role("specialist") and principal.specialty:
+        grantees.append(f"specialty:{principal.specialty}")
+    return tuple(grantees)
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One caller's rights, built once per request from a validated token."""
+
+    principal: Principal
+    interactions: frozenset[str]
+    unrestricted: bool
+    grantees: tuple[str, ...]
+    smart: SmartPermissions | None
+
+    @property
+    def client_id(self) -> str:
+        """Return the OAuth client the caller came through."""
+        return self.principal.client_id
+
+    @property
+    def author(self) -> str:
+        """Return how stored versions name this caller."""
+        return author_of(self.principal)
+
+    @property
+    def unit(self) -> str | None:
+        """Return the unit a unit client writes for (None for people)."""
+        if self.principal.has_role("unit"):
+            return self.principal.unit or self.principal.client_id
+        return None
+
+    def check(self, interaction: str, resource_type: str | None) -> None:
+        """Raise 403 when the caller's role or scopes never allow this interaction."""
+        if interaction not in self.interactions:
+            raise Forbidden(f"the caller's role may not {interaction} clinical records")
+        if resource_type == "AuditEvent" and not self.unrestricted:
+            raise Forbidden("only an administrator may see or touch the audit trail")
+        if self.smart is not None:
+            permission = INTERACTION_PERMISSION.get(interaction)
+            if permission is not None and not self.smart.allows(permission, resource_type):
+                what = resource_type or "these resources"
+                raise Forbidden(f"the token's scopes do not allow {interaction} on {what}")
+
+    def row_condition(self, resource: FromClause) -> ColumnElement[bool] | None:
+        """Return the SQL condition for the rows this caller may see (None: all)."""
+        conditions: list[ColumnElement[bool]] = []
+        if not self.unrestricted:
+            shared = (func.cardinality(resource.c.patient_ids) == 0) & (
+                resource.c.resource_type.not_in(PRIVATE_TYPES)
+            )
+            if self.grantees:
+                related = exists(
+                    select(CARE.c.patient_id).where(
+                        CARE.c.grantee.in_(self.grantees),
+                        CARE.c.patient_id == any_(resource.c.patient_ids),
+                    )
+                )
+                conditions.append(or_(shared, related))
+            else:
+                conditions.append(shared)
+        if self.smart is not None:
+            readable = self.smart.readable_types()
+            if readable is not None:
+                conditions.append(resource.c.resource_type.in_(readable) if readable else false())
+        if not conditions:
+            return None
+        return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
+
+
+def access_for(principal: Principal) -> Access:
+    """Build the access of a validated principal."""
+    interactions: set[str] = set()
+    for role in principal.roles:
+        interactions |= ROLE_INTERACTIONS.get(role, frozenset())
+    return Access(
+        principal=principal,
+        interactions=frozenset(interactions),
+        unrestricted=principal.has_role("admin"),
+        grantees=grantees_of(principal),
+        smart=smart_permissions(principal.scopes),
+    )
+
+
+def author_of(principal: Principal) -> str:
+    """Return how stored versions name their author: the unit's Device, or the user."""
+    if principal.has_role("unit"):
+        return f"Device/{principal.unit or principal.client_id}"
+    return principal.username or principal.subject
