@@ -53,5 +53,7 @@ class Forbidden(WahaError):
 class UnitRevoked(InvalidToken):
     """The token belongs to a unit whose Device an administrator set inactive."""
 
-    def __init__(self) -> None:
+    def __init__(self, principal: object = None) -> None:
         super().__init__("the unit's device is not active")
+        # Kept for the audit trail: the token was valid, so it says who tried.
+        self.principal = principal

@@ -93,7 +93,9 @@ class BearerAuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
-        if scope["type"] != "http" or not _protected(scope["path"]):
+        # OPTIONS only describes the server (tus capabilities, CORS preflight,
+        # which browsers send without credentials).
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _protected(scope["path"]):
             await self.app(scope, receive, send)
             return
         try:
@@ -124,7 +126,7 @@ class BearerAuthMiddleware:
                 else await anyio.to_thread.run_sync(self.units.refresh, unit)
             )
             if status is not None and status != "active":
-                raise UnitRevoked
+                raise UnitRevoked(principal)
         return principal
 
     def _remember(self, token: str, principal: Principal) -> None:

@@ -33,8 +33,9 @@ ROLE_INTERACTIONS: dict[str, frozenset[str]] = {
 }
 # Rows with no patient compartment (Organization, Location, Device…) are shared
 # reference data, except these: a Binary follows its own rule (the uploading
-# unit, then the patient of the Media citing it) and the audit is admin's.
-PRIVATE_TYPES = ("Binary", "AuditEvent")
+# unit, then the patient of the Media citing it), the audit is admin's, and a
+# Provenance that names no patient still lists what a unit wrote.
+PRIVATE_TYPES = ("Binary", "AuditEvent", "Provenance")
 # SMART on FHIR scopes: v2 `user/Observation.rs`, v1 `user/Observation.read`.
 SMART_SCOPE = re.compile(
     r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]+)\.(?P<perms>read|write|\*|[cruds]+)(?:\?.*)?$"

@@ -253,6 +253,7 @@ def everything_bundle(
         since=since,
         after=after,
         limit=page.count + 1,
+        condition=access.row_condition,
     )
     more = len(rows) > page.count
     rows = rows[: page.count]

@@ -406,8 +406,11 @@ def list_compartment(
     since: datetime | None,
     after: tuple[str, str] | None,
     limit: int,
+    condition: Callable[[FromClause], ColumnElement[bool] | None] | None = None,
 ) -> list[tuple[str, str, str]]:
     """Return a page of a patient's compartment plus the resources it references.
+
+    `condition` (the caller's row scope) applies to both parts.
 
     Ordered by (type, id) so that keyset paging is stable while new resources arrive.
     """
@@ -442,6 +445,10 @@ def list_compartment(
             select(referenced_keys.c.rt, referenced_keys.c.rid)
         ),
     )
+    visible = condition(RESOURCE) if condition is not None else None
+    if visible is not None:
+        compartment = compartment.where(visible)
+        referenced = referenced.where(visible)
     # Disjoint by construction (compartment rows have a compartment key, the
     # referenced ones none), so UNION ALL: no dedupe over whole documents.
     union = compartment.union_all(referenced).subquery()

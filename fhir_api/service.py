@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from fhir_api import repository
-from fhir_api.context import RequestContext
+from fhir_api.context import UNRESTRICTED_ACCESS, RequestContext
 from fhir_api.errors import (
     BundleInFlight,
     BundleTooLarge,
@@ -34,6 +35,9 @@ from fhir_api.writes import (
 )
 from hub.errors import Issue, WahaError, operation_outcome
 
+# How a Provenance names a unit or a user that has no resource to reference.
+SID_UNIT = "https://waha.health/fhir/sid/unit"
+SID_USER = "https://waha.health/fhir/sid/user"
 REASON_PHRASES = {
     200: "200 OK",
     201: "201 Created",
@@ -233,6 +237,7 @@ def process_bundle(
         results = engine.run(requests, locked=True)
     else:
         results = _run_batch(session, entries, context=context, settings=settings)
+    _record_provenance(session, bundle, results, context=context, settings=settings)
     response: JSONObject = {
         "resourceType": "Bundle",
         "type": f"{bundle_type}-response",
@@ -251,6 +256,68 @@ def process_bundle(
             response=response,
         )
     return 200, response
+
+
+def _record_provenance(
+    session: Session,
+    bundle: JSONObject,
+    results: Sequence[EntryResult],
+    *,
+    context: RequestContext,
+    settings: WriteSettings,
+) -> None:
+    """Store one Provenance per ingested bundle: what it wrote, who sent it, which bundle."""
+    targets = [
+        {"reference": f"{r.resource_type}/{r.resource_id}/_history/{r.version_id}"}
+        for r in results
+        if r.written and r.resource_type is not None and r.status in (200, 201)
+    ]
+    if not targets:
+        return
+    provenance: JSONObject = {
+        "resourceType": "Provenance",
+        "target": targets,
+        "recorded": format_instant(datetime.now(UTC)),
+        "agent": [_provenance_agent(session, context)],
+    }
+    identifier = bundle.get("identifier")
+    if isinstance(identifier, dict) and identifier.get("value"):
+        what = {k: identifier[k] for k in ("system", "value") if identifier.get(k)}
+        provenance["entity"] = [{"role": "source", "what": {"identifier": what}}]
+    # Waha records the Provenance itself: the caller's scopes (which may not
+    # name Provenance) govern what it sent, not this record of it.
+    system = replace(context, access=UNRESTRICTED_ACCESS, audit=None)
+    TransactionEngine(session, context=system, settings=settings).run(
+        [EntryRequest(method="POST", resource_type="Provenance", resource=provenance)]
+    )
+
+
+def _provenance_agent(session: Session, context: RequestContext) -> JSONObject:
+    author_type = {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                "code": "author",
+            }
+        ]
+    }
+    unit = context.unit
+    if unit is None:
+        return {
+            "type": author_type,
+            "who": {"identifier": {"system": SID_USER, "value": context.author}},
+        }
+    # Referenced when registered (referential integrity); named otherwise.
+    known = repository.list_existing(session, [("Device", unit), ("Organization", unit)])
+    agent: JSONObject = {"type": author_type}
+    agent["who"] = (
+        {"reference": f"Device/{unit}"}
+        if ("Device", unit) in known
+        else {"identifier": {"system": SID_UNIT, "value": unit}}
+    )
+    if ("Organization", unit) in known:
+        agent["onBehalfOf"] = {"reference": f"Organization/{unit}"}
+    return agent
 
 
 def _run_batch(

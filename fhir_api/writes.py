@@ -77,6 +77,8 @@ class EntryResult:
     resource: JSONObject | None = None
     outcome: JSONObject | None = None
     created: bool = False
+    # A new version was stored (not a match, a no-op update or a read).
+    written: bool = False
     search_bundle: JSONObject | None = None
     is_read: bool = False
 
@@ -194,6 +196,7 @@ class TransactionEngine:
                     if item.entry.method != "DELETE":
                         created.append(item)
         self._check_duplicate_targets(writes)
+        self._check_visible_targets(writes)
         self._rewrite_references(planned, created)
         results.update(self._apply_writes(writes))
         for item in planned:
@@ -363,6 +366,9 @@ class TransactionEngine:
 
         base = self.settings.base_url + "/"
         missing: dict[tuple[str, str], list[str]] = {}
+        # Targets found by conditional references: matched whoever's record it
+        # is, since one record per person is how care relationships start.
+        matched: set[tuple[str, str]] = set()
         for item in planned:
             entry = item.entry
             if entry.method not in ("POST", "PUT") or entry.resource is None:
@@ -385,6 +391,7 @@ class TransactionEngine:
                     )
                 elif key == "reference" and "?" in value and not value.startswith("http"):
                     holder[key] = value = self._resolve_conditional_reference(value, where, created)
+                    matched.add((value.split("/")[0], value.split("/")[1]))
                 if key != "reference" or value.startswith("#"):
                     continue
                 local = value[len(base) :] if value.startswith(base) else value
@@ -398,20 +405,34 @@ class TransactionEngine:
                         )
                     if target_key not in bundle_targets:
                         missing.setdefault(target_key, []).append(where)
-        if self.settings.enforce_referential_integrity and missing:
+        if not missing:
+            return
+        # A reference to a record the caller may not see counts as absent:
+        # writing into a stranger's compartment must not open it.
+        condition = self.context.access.row_condition(repository.RESOURCE)
+        hidden: set[tuple[str, str]] = set()
+        if condition is not None:
+            candidates = [key for key in missing if key not in matched]
+            hidden = repository.list_hidden(self.session, candidates, condition)
+        existing: set[tuple[str, str]] | None = None
+        if self.settings.enforce_referential_integrity:
             existing = repository.list_existing(self.session, list(missing))
-            dangling = [(key, paths) for key, paths in missing.items() if key not in existing]
-            if dangling:
-                issues = [
-                    Issue("not-found", f"{key[0]}/{key[1]} does not exist", path)
-                    for key, paths in dangling
-                    for path in paths
-                ]
-                raise DanglingReference(
-                    f"{issues[0].expression} names {dangling[0][0][0]}/{dangling[0][0][1]}, "
-                    "which does not exist",
-                    issues=issues[:100],
-                )
+        dangling = [
+            (key, paths)
+            for key, paths in missing.items()
+            if key in hidden or (existing is not None and key not in existing)
+        ]
+        if dangling:
+            issues = [
+                Issue("not-found", f"{key[0]}/{key[1]} does not exist", path)
+                for key, paths in dangling
+                for path in paths
+            ]
+            raise DanglingReference(
+                f"{issues[0].expression} names {dangling[0][0][0]}/{dangling[0][0][1]}, "
+                "which does not exist",
+                issues=issues[:100],
+            )
 
     def _resolve_conditional_reference(
         self, value: str, where: str, created: Sequence[_Planned]
@@ -438,7 +459,6 @@ class TransactionEngine:
             and item.target_id is not None
         ]
         current = repository.list_current_versions(self.session, keys)
-        self._check_visible_targets(writes, current)
         # A PUT of unchanged content writes no version (R4 permits it), so a
         # unit's retried update or a reloaded reference set leaves history alone.
         updated_keys = [
@@ -525,6 +545,7 @@ class TransactionEngine:
                 last_updated=self.now,
                 resource=resource,
                 created=existing is None or existing[1],
+                written=True,
             )
         repository.write_versions(self.session, version_writes)
         self._record_care_relationships(version_writes)
@@ -533,19 +554,29 @@ class TransactionEngine:
         )
         return results
 
-    def _check_visible_targets(
-        self, writes: Sequence[_Planned], current: dict[tuple[str, str], tuple[int, bool]]
-    ) -> None:
+    def _check_visible_targets(self, writes: Sequence[_Planned]) -> None:
         """Answer 404 for an update or delete of a resource the caller may not see."""
         condition = self.context.access.row_condition(repository.RESOURCE)
         if condition is None:
             return
-        existing = [key for key, (_, deleted) in current.items() if not deleted]
-        hidden = repository.list_hidden(self.session, existing, condition)
+        targets = [
+            (item.entry.resource_type, item.target_id)
+            for item in writes
+            if item.entry.method != "POST"
+            and item.entry.resource_type is not None
+            and item.target_id is not None
+        ]
+        hidden = repository.list_hidden(self.session, targets, condition)
         for item in writes:
             key = (item.entry.resource_type, item.target_id)
             if key in hidden:
-                self._fail(item, ResourceNotFound(f"{key[0]}/{key[1]} is not known"))
+                # A conditional write must not learn the id its criteria found.
+                message = (
+                    f"no {key[0]} you may see matches the criteria"
+                    if item.entry.query is not None
+                    else f"{key[0]}/{key[1]} is not known"
+                )
+                self._fail(item, ResourceNotFound(message))
 
     def _record_care_relationships(self, version_writes: Sequence[repository.VersionWrite]) -> None:
         """Grow care relationships from what was written (DESIGN.md "Access rules").

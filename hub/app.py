@@ -23,7 +23,9 @@ from hub.errors import install_error_handlers
 from hub.logging import configure_logging
 from hub.settings import Settings, get_settings
 from imaging_store import service as imaging_service
+from imaging_store.derivatives.router import router as derivatives_router
 from imaging_store.router import router as imaging_router
+from imaging_store.uploads.router import router as uploads_router
 
 log = structlog.get_logger()
 
@@ -121,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit_router)
     # Before fhir_api's generic /fhir/{type} routes, which would match Binary too.
     app.include_router(imaging_router)
+    app.include_router(uploads_router)
+    app.include_router(derivatives_router)
     app.include_router(fhir_router)
     # The bucket is made now if the store answers; if not, on first use.
     imaging_service.prepare_storage(settings)

@@ -8,13 +8,15 @@ from datetime import timedelta
 
 import structlog
 from celery import Celery, Task, shared_task
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from fhir_api.writes import RESOURCE_CHANGED
 from hub import db, outbox
 from hub.logging import configure_logging
 from hub.settings import Settings, get_settings
+from imaging_store.derivatives.handlers import handle_resource_changed
 
 log = structlog.get_logger()
 
@@ -62,13 +64,33 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": PERIODIC_DRAIN_SECONDS,
                 "options": {"expires": PERIODIC_DRAIN_SECONDS * 5},
             },
+            "sweep-expired-uploads": {
+                "task": "imaging_store.sweep_expired_uploads",
+                "schedule": 3600,
+                "options": {"expires": 3600},
+            },
         },
-        imports=("hub.celery_app",),
+        imports=("hub.celery_app", "imaging_store.uploads.tasks"),
     )
     return app
 
 
 celery_app = make_celery()
+
+
+def register_outbox_handlers() -> None:
+    """Subscribe the domains' handlers to outbox topics (in worker processes only).
+
+    Not at import: the API imports this module to request drains, and a test
+    process registers handlers bound to its own settings.
+    """
+    # Thumbnails, previews, quality checks and DICOM studies follow stored Binaries.
+    outbox.register_handler(RESOURCE_CHANGED, handle_resource_changed)
+
+
+@celeryd_init.connect
+def _register_handlers(**_: object) -> None:
+    register_outbox_handlers()
 
 
 @worker_process_init.connect

@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
+from fhir_api.context import UNRESTRICTED_ACCESS
 from hub.db import SessionDep
 from hub.errors import FHIR_MEDIA_TYPE, BadRequest
 from hub.settings import Settings, get_settings
@@ -35,6 +36,7 @@ async def upload_caller(request: Request) -> service.Caller:
     principal = getattr(request.state, "principal", None)
     client_id = getattr(principal, "client_id", "anonymous")
     return service.Caller(
+        access=getattr(request.state, "access", None) or UNRESTRICTED_ACCESS,
         client_id=client_id,
         author=getattr(principal, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),

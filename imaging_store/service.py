@@ -31,8 +31,9 @@ import structlog
 from sqlalchemy.orm import Session
 
 from fhir_api import service as fhir_service
-from fhir_api.context import RequestContext
+from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, RequestContext
 from fhir_api.writes import EntryRequest, WriteSettings
+from hub.errors import WahaError
 from hub.settings import Settings
 from imaging_store import repository
 from imaging_store.errors import (
@@ -66,11 +67,12 @@ _DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9_\-*.]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who uploads or reads; filled from the request (and later by auth)."""
+    """Who uploads or reads, as the auth layer describes the request."""
 
     client_id: str
     author: str
     request_id: str
+    access: AccessControl = UNRESTRICTED_ACCESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,10 +338,47 @@ def _current_binary(
     row = repository.get_binary_object(session, binary_id)
     if row is None or row.deleted_at is not None or result.resource is None:
         raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
-    # Access hook: ownership (the uploading client, then the patient's record
-    # once a Media references it) is enforced here when auth is wired.
+    check_binary_access(
+        session, row, access=caller.access, client_id=caller.client_id, base_url=base_url
+    )
     assert result.version_id is not None and result.last_updated is not None  # noqa: S101
     return result.resource, result.version_id, result.last_updated, row
+
+
+def check_binary_access(
+    session: Session,
+    row: BinaryObjectRow,
+    *,
+    access: AccessControl,
+    client_id: str,
+    base_url: str,
+) -> None:
+    """Raise 404 unless the caller may see this Binary (DESIGN.md "Access rules").
+
+    A Binary belongs to the uploading client; once it names a patient or an
+    encounter (X-Security-Context, Binary.securityContext), it follows that
+    record: whoever may read the Patient or Encounter may read the Binary.
+    """
+    access.check("read", "Binary")
+    if access.unrestricted or row.owner_client_id == client_id:
+        return
+    target = row.security_context or ""
+    resource_type, _, resource_id = target.partition("/")
+    if resource_type in ("Patient", "Encounter") and resource_id:
+        try:
+            fhir_service.run_interaction(
+                session,
+                EntryRequest(method="GET", resource_type=resource_type, resource_id=resource_id),
+                context=RequestContext(
+                    client_id=client_id, author=client_id, request_id="-", access=access
+                ),
+                settings=WriteSettings(base_url=base_url),
+            )
+        except WahaError:
+            pass
+        else:
+            return
+    raise BinaryNotFound(f"Binary/{row.id} is not known")
 
 
 def _open_object(storage: BinaryStorage, row: BinaryObjectRow) -> Iterator[bytes]:

@@ -7,14 +7,16 @@ connect timeout, one retry) because a unit waiting on a dead store should get
 
 from __future__ import annotations
 
+import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
 import structlog
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import MinioException, S3Error
 from minio.sse import SseS3
 
@@ -169,6 +171,119 @@ class BinaryStorage:
         except _TRANSPORT_ERRORS as error:
             raise self._unavailable(error, "stat_object") from None
         return True
+
+    # Multipart helpers for resumable uploads. They use the SDK's thin S3 API
+    # calls (CreateMultipartUpload, UploadPart, Complete/Abort) because its
+    # high-level put_object owns the whole stream in one call, whereas a
+    # resumable upload receives its parts across many requests and processes.
+
+    def start_multipart(self, key: str, *, content_type: str) -> str:
+        """Begin a multipart upload into `key`, encrypted at rest where supported."""
+        self.ensure_bucket()
+        if self.encrypts_at_rest is not False:
+            try:
+                upload_id = self.client._create_multipart_upload(
+                    self.config.bucket, key, {"Content-Type": content_type, **SseS3().headers()}
+                )
+            except S3Error as error:
+                if error.code not in _SSE_REFUSED_CODES:
+                    raise self._unavailable(error, "create_multipart_upload") from None
+                log.warning(
+                    "imaging_store.encryption_unsupported",
+                    bucket=self.config.bucket,
+                    code=error.code,
+                )
+                self.encrypts_at_rest = False
+            except _TRANSPORT_ERRORS as error:
+                raise self._unavailable(error, "create_multipart_upload") from None
+            else:
+                self.encrypts_at_rest = True
+                return str(upload_id)
+        try:
+            upload_id = self.client._create_multipart_upload(
+                self.config.bucket, key, {"Content-Type": content_type}
+            )
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "create_multipart_upload") from None
+        return str(upload_id)
+
+    def upload_part(
+        self, key: str, *, multipart_upload_id: str, part_number: int, data: bytes
+    ) -> str:
+        """Store one part of a multipart upload; return its ETag."""
+        try:
+            etag = self.client._upload_part(
+                self.config.bucket, key, data, None, multipart_upload_id, part_number
+            )
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "upload_part") from None
+        return str(etag)
+
+    def complete_multipart(
+        self, key: str, *, multipart_upload_id: str, parts: Sequence[tuple[int, str]]
+    ) -> bool:
+        """Assemble the listed (number, ETag) parts into `key`; False if no such upload."""
+        try:
+            self.client._complete_multipart_upload(
+                self.config.bucket,
+                key,
+                multipart_upload_id,
+                [Part(number, etag) for number, etag in parts],
+            )
+        except S3Error as error:
+            if error.code == "NoSuchUpload":
+                return False
+            raise self._unavailable(error, "complete_multipart_upload") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "complete_multipart_upload") from None
+        return True
+
+    def abort_multipart(self, key: str, *, multipart_upload_id: str) -> None:
+        """Drop a multipart upload and its parts (already gone is fine)."""
+        try:
+            self.client._abort_multipart_upload(self.config.bucket, key, multipart_upload_id)
+        except S3Error as error:
+            if error.code != "NoSuchUpload":
+                raise self._unavailable(error, "abort_multipart_upload") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "abort_multipart_upload") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store a small object held in memory (a staged tail under 5 MiB)."""
+        self.put(key, io.BytesIO(data), length=len(data), content_type="application/octet-stream")
+
+    def read_small(self, key: str) -> bytes:
+        """Return a small object's bytes whole (staged tails under 5 MiB, never a Binary)."""
+        return b"".join(self.open(key))
+
+    def remove(self, key: str) -> None:
+        """Delete one object (already gone is fine)."""
+        try:
+            self.client.remove_object(self.config.bucket, key)
+        except S3Error as error:
+            if error.code not in ("NoSuchKey", "NoSuchBucket"):
+                raise self._unavailable(error, "remove_object") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "remove_object") from None
+
+    def remove_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix`; return how many."""
+        try:
+            keys = [
+                str(item.object_name)
+                for item in self.client.list_objects(
+                    self.config.bucket, prefix=prefix, recursive=True
+                )
+            ]
+            for key in keys:
+                self.client.remove_object(self.config.bucket, key)
+        except S3Error as error:
+            if error.code == "NoSuchBucket":
+                return 0
+            raise self._unavailable(error, "remove_prefix") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "remove_prefix") from None
+        return len(keys)
 
     def _unavailable(self, error: Exception, operation: str) -> StorageUnavailable:
         # The error's text may hold the endpoint, never patient data; log the type.

@@ -8,7 +8,9 @@ from sqlalchemy import create_engine, pool
 import auth.audit.models  # noqa: F401 - registers the audit trail's table
 import fhir_api.models  # noqa: F401 - registers the record store's tables
 import hub.outbox  # noqa: F401 - registers the outbox table
+import imaging_store.derivatives.models  # noqa: F401 - registers the derivatives table
 import imaging_store.models  # noqa: F401 - registers the imaging store's table
+import imaging_store.uploads.models  # noqa: F401 - registers the tus upload table
 from hub.db import Base
 from hub.settings import get_settings
 

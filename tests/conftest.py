@@ -43,6 +43,8 @@ DATA_TABLES = (
     "binary_object",
     "care_relationship",
     "audit_event",
+    "tus_upload",
+    "binary_derivative",
 )
 
 

@@ -71,6 +71,26 @@ def _subtype(scope: Scope, notes: Any) -> str:
     return _BY_METHOD.get(method, "operation")
 
 
+def _route_entities(scope: Scope) -> tuple[str, ...]:
+    """Name the record a request tried when nothing was read (a refused or failed read)."""
+    params = scope.get("path_params") or {}
+    resource_type, resource_id = params.get("resource_type"), params.get("resource_id")
+    if resource_type and resource_id:
+        return (f"{resource_type}/{resource_id}",)
+    if params.get("patient_id"):
+        return (f"Patient/{params['patient_id']}",)
+    return ()
+
+
+def _route_patients(scope: Scope) -> tuple[str, ...]:
+    params = scope.get("path_params") or {}
+    if params.get("patient_id"):
+        return (str(params["patient_id"]),)
+    if params.get("resource_type") == "Patient" and params.get("resource_id"):
+        return (str(params["resource_id"]),)
+    return ()
+
+
 def _source_address(scope: Scope) -> str | None:
     client = scope.get("client")
     return str(client[0]) if client else None
@@ -128,8 +148,8 @@ class AuditMiddleware:
             method=str(scope["method"]),
             path=str(scope["path"]),
             query=_query(scope),
-            entity_refs=tuple(getattr(notes, "resource_refs", ())),
-            patient_ids=tuple(getattr(notes, "patient_ids", ())),
+            entity_refs=tuple(getattr(notes, "resource_refs", ())) or _route_entities(scope),
+            patient_ids=tuple(getattr(notes, "patient_ids", ())) or _route_patients(scope),
         )
         await anyio.to_thread.run_sync(service.record, self.bind(), [record])
 
@@ -140,12 +160,14 @@ def denied_recorder(
     """Return the hook that audits refused authentications (bad, expired, revoked tokens)."""
 
     async def record_denied(scope: Scope, error: WahaError) -> None:
+        # A revoked unit's token was valid: its principal says who tried.
+        principal = getattr(error, "principal", None)
         record = service.AuditRecord(
             action="E",
             subtype=service.LOGIN_SUBTYPE,
             outcome=service.outcome_for_status(error.status),
             outcome_description=error.detail,
-            principal=None,
+            principal=principal if isinstance(principal, Principal) else None,
             client_id=None,
             source_address=_source_address(scope),
             request_id=(scope.get("state") or {}).get("request_id"),

@@ -39,9 +39,15 @@ def test_unit_bundle_is_ingested_and_references_rewritten(
     stored = client.get(f"/fhir/Observation/{observation_id}").json()
     assert stored["subject"]["reference"] == f"Patient/{patient_id}"
     assert "urn:uuid" not in str(stored)
-    assert _count(session, "fhir_resource") == 12
-    assert _count(session, "fhir_resource_version") == 12
-    assert _count(session, "outbox_event") == 12
+    # The 12 entries, and the Provenance of the bundle naming all of them.
+    assert _count(session, "fhir_resource") == 13
+    assert _count(session, "fhir_resource_version") == 13
+    assert _count(session, "outbox_event") == 13
+    provenance = session.execute(
+        text("SELECT resource FROM fhir_resource WHERE resource_type = 'Provenance'")
+    ).scalar_one()
+    assert len(provenance["target"]) == 12
+    assert all("/_history/1" in target["reference"] for target in provenance["target"])
 
 
 def test_second_visit_reuses_the_patient(client: TestClient, session: Session) -> None:
@@ -195,7 +201,8 @@ def test_batch_entries_succeed_or_fail_alone(client: TestClient, session: Sessio
     assert statuses == ["201 Created", "422 Unprocessable Entity", "404 Not Found", "201 Created"]
     outcome = body["entry"][1]["response"]["outcome"]
     assert outcome["resourceType"] == "OperationOutcome"
-    assert _count(session, "fhir_resource") == 2
+    # Two entries stored, plus the bundle's Provenance.
+    assert _count(session, "fhir_resource") == 3
 
 
 def test_transaction_processing_order_and_get_entries(client: TestClient) -> None:

@@ -38,7 +38,10 @@ def test_everything_pages_through_the_whole_compartment(client: TestClient) -> N
     patient_id = _ingest_visits(client, "EV1", visits=3)
     other = _ingest_visits(client, "EV2", visits=1)
     seen = _all_pages(client, f"/fhir/Patient/{patient_id}/$everything?_count=4")
-    assert len(seen) == len(set(seen)) == 1 + 3 * (1 + 3)
+    # The Patient, 3 visits of an Encounter and 3 Observations, and the
+    # Provenance of the first bundle (the one that created the Patient).
+    assert len(seen) == len(set(seen)) == 1 + 3 * (1 + 3) + 1
+    assert sum(item.startswith("Provenance/") for item in seen) == 1
     assert f"Patient/{other}" not in seen
 
 
@@ -85,4 +88,4 @@ def test_history_since_filters_versions(client: TestClient) -> None:
     assert empty["entry"] == []
     assert empty["total"] == 0
     everything = client.get("/fhir/_history?_count=100").json()
-    assert everything["total"] == 5
+    assert everything["total"] == 5 + 1  # and the bundle's Provenance

@@ -1,0 +1,1 @@
+"""Derivatives of stored Binaries: previews, photo quality checks and DICOM study metadata."""

@@ -1,0 +1,47 @@
+"""Outbox handler: derive previews, quality and studies from every created Binary."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy.orm import Session
+
+from fhir_api.writes import RESOURCE_CHANGED, WriteSettings
+from hub.outbox import Handler, OutboxEvent
+from hub.settings import Settings, get_settings
+from imaging_store import service as binary_service
+from imaging_store.derivatives import service
+
+TOPIC = RESOURCE_CHANGED
+
+
+def resource_changed_handler(settings: Settings) -> Handler:
+    """Return the handler of `fhir.resource_changed` events for these settings."""
+    storage = binary_service.binary_storage(settings)
+    write_settings = WriteSettings(
+        base_url=settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
+
+    def handle(session: Session, event: OutboxEvent) -> None:
+        """Make the derivatives of the Binary the event says was created."""
+        # One event per written resource: {type, id, version, action}. Binary
+        # content never changes (updates are refused), so only creation counts.
+        payload = event.payload
+        if payload.get("type") != "Binary" or payload.get("action") != "create":
+            return
+        service.make_derivatives(
+            session, storage=storage, binary_id=str(payload["id"]), write_settings=write_settings
+        )
+
+    return handle
+
+
+@cache
+def _process_handler() -> Handler:
+    return resource_changed_handler(get_settings())
+
+
+def handle_resource_changed(session: Session, event: OutboxEvent) -> None:
+    """Make the derivatives of a created Binary, with the process's settings."""
+    _process_handler()(session, event)

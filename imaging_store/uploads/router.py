@@ -1,0 +1,221 @@
+"""HTTP edge of resumable uploads: tus 1.0.0 at `/imaging/uploads`.
+
+Core protocol plus the creation, termination, checksum and expiration
+extensions. Errors keep tus's status codes (409, 412, 413, 415, 423, 460)
+with problem+json bodies; every answer carries `Tus-Resumable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
+
+from hub.db import SessionDep
+from hub.errors import WahaError
+from hub.settings import Settings, get_settings
+from imaging_store.router import upload_caller
+from imaging_store.service import Caller, binary_storage
+from imaging_store.storage import BinaryStorage
+from imaging_store.uploads import service
+from imaging_store.uploads.errors import (
+    TUS_VERSION,
+    NotOffsetOctetStream,
+    TusVersionUnsupported,
+    UploadInterrupted,
+)
+
+PREFIX = "/imaging/uploads"
+TUS_EXTENSIONS = "creation,termination,checksum,expiration"
+OFFSET_OCTET_STREAM = "application/offset+octet-stream"
+BINARY_HEADER = "Waha-Binary"
+
+
+class TusRoute(APIRoute):
+    """A route whose every answer, errors included, says which tus version it speaks."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """Wrap the handler so its responses and errors carry Tus-Resumable."""
+        handler = super().get_route_handler()
+
+        async def tus_handler(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except WahaError as error:
+                # Not handled here: hub/errors.py renders it, with these headers.
+                error.headers["Tus-Resumable"] = TUS_VERSION
+                raise
+            response.headers["Tus-Resumable"] = TUS_VERSION
+            return response
+
+        return tus_handler
+
+
+router = APIRouter(prefix=PREFIX, route_class=TusRoute)
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CallerDep = Annotated[Caller, Depends(upload_caller)]
+
+
+def storage(settings: SettingsDep) -> BinaryStorage:
+    """Return the object store of these settings."""
+    return binary_storage(settings)
+
+
+StorageDep = Annotated[BinaryStorage, Depends(storage)]
+
+
+def tus_resumable(
+    version: Annotated[str | None, Header(alias="Tus-Resumable")] = None,
+) -> None:
+    """Refuse requests of a tus version Waha does not speak (every request but OPTIONS)."""
+    if version != TUS_VERSION:
+        raise TusVersionUnsupported(f"Tus-Resumable must be {TUS_VERSION}")
+
+
+TusRequest = Depends(tus_resumable)
+
+
+def _http_date(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def _status_headers(status: service.UploadStatus) -> dict[str, str]:
+    headers = {"Upload-Offset": str(status.offset), "Cache-Control": "no-store"}
+    if status.expires_at is not None:
+        headers["Upload-Expires"] = _http_date(status.expires_at)
+    if status.binary_id is not None:
+        headers[BINARY_HEADER] = f"Binary/{status.binary_id}"
+    return headers
+
+
+def _body_chunks(request: Request) -> Iterator[bytes]:
+    """Pull a request body chunk by chunk into this worker thread, never whole."""
+    stream: AsyncIterator[bytes] = request.stream()
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+
+    while True:
+        try:
+            chunk = anyio.from_thread.run(next_chunk)
+        except ClientDisconnect:
+            raise UploadInterrupted("the connection closed before the body ended") from None
+        if chunk is None:
+            return
+        if chunk:
+            yield chunk
+
+
+@router.options("", response_model=None, status_code=204)
+def describe_server(settings: SettingsDep) -> Response:
+    """Tell clients the tus version, extensions, size limit and checksum algorithms."""
+    return Response(
+        status_code=204,
+        headers={
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": TUS_EXTENSIONS,
+            "Tus-Max-Size": str(settings.max_tus_upload_bytes),
+            "Tus-Checksum-Algorithm": ",".join(service.CHECKSUM_ALGORITHMS),
+        },
+    )
+
+
+@router.post("", response_model=None, status_code=201, dependencies=[TusRequest])
+def create_upload(
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    upload_storage: StorageDep,
+    upload_length: Annotated[str | None, Header(alias="Upload-Length")] = None,
+    upload_defer_length: Annotated[str | None, Header(alias="Upload-Defer-Length")] = None,
+    upload_metadata: Annotated[str | None, Header(alias="Upload-Metadata")] = None,
+) -> Response:
+    """Start a resumable upload (tus creation); answer its URL."""
+    status = service.create_upload(
+        session,
+        storage=upload_storage,
+        caller=caller,
+        upload_length=upload_length,
+        defer_length=upload_defer_length,
+        upload_metadata=upload_metadata,
+        settings=service.upload_settings(settings),
+        now=datetime.now(UTC),
+    )
+    headers = _status_headers(status)
+    # Relative, so it holds behind any proxy or port; tus clients resolve it
+    # against the creation URL.
+    headers["Location"] = f"{PREFIX}/{status.id}"
+    return Response(status_code=201, headers=headers)
+
+
+@router.head("/{upload_id}", response_model=None, dependencies=[TusRequest])
+def read_upload_offset(
+    upload_id: str, settings: SettingsDep, caller: CallerDep, upload_storage: StorageDep
+) -> Response:
+    """Answer an upload's offset and length (and its Binary once finished)."""
+    status = service.describe_upload(
+        storage=upload_storage,
+        upload_id=upload_id,
+        caller=caller,
+        settings=service.upload_settings(settings),
+        now=datetime.now(UTC),
+    )
+    headers = _status_headers(status)
+    headers["Upload-Length"] = str(status.length)
+    if status.upload_metadata is not None:
+        headers["Upload-Metadata"] = status.upload_metadata
+    return Response(status_code=200, headers=headers)
+
+
+@router.patch("/{upload_id}", response_model=None, dependencies=[TusRequest])
+def append_to_upload(
+    upload_id: str,
+    request: Request,
+    settings: SettingsDep,
+    caller: CallerDep,
+    upload_storage: StorageDep,
+    content_type: Annotated[str | None, Header(alias="Content-Type")] = None,
+    upload_offset: Annotated[str | None, Header(alias="Upload-Offset")] = None,
+    upload_checksum: Annotated[str | None, Header(alias="Upload-Checksum")] = None,
+    content_length: Annotated[str | None, Header(alias="Content-Length")] = None,
+) -> Response:
+    """Append a PATCH body at the upload's offset; the last one makes the Binary."""
+    if (content_type or "").split(";")[0].strip().lower() != OFFSET_OCTET_STREAM:
+        raise NotOffsetOctetStream(f"a PATCH body must be {OFFSET_OCTET_STREAM}")
+    status = service.receive_chunk(
+        storage=upload_storage,
+        upload_id=upload_id,
+        caller=caller,
+        upload_offset=upload_offset,
+        upload_checksum=upload_checksum,
+        content_length=content_length,
+        chunks=_body_chunks(request),
+        settings=service.upload_settings(settings),
+        now=datetime.now(UTC),
+    )
+    return Response(status_code=204, headers=_status_headers(status))
+
+
+@router.delete("/{upload_id}", response_model=None, dependencies=[TusRequest])
+def terminate_upload(
+    upload_id: str, session: SessionDep, caller: CallerDep, upload_storage: StorageDep
+) -> Response:
+    """Drop an unfinished upload and its stored parts (tus termination)."""
+    service.terminate_upload(
+        session,
+        storage=upload_storage,
+        upload_id=upload_id,
+        caller=caller,
+        now=datetime.now(UTC),
+    )
+    return Response(status_code=204)

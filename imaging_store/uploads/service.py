@@ -1,0 +1,724 @@
+"""Rules of resumable uploads (tus 1.0.0): create, receive, finish into a Binary, expire.
+
+Bytes never sit whole in the API. A PATCH body is cut into S3 multipart parts
+as it streams (S3 wants at least 5 MiB in every part but the last); the bytes
+past the last full part are staged as a small object (`uploads/<id>/tail-…`)
+and put in front of the next PATCH's bytes. The multipart upload assembles
+straight into the Binary's own key `binaries/<binary id>`.
+
+A PATCH may stream for minutes over a rural mobile network, so it holds no
+transaction (nor pooled connection) meanwhile: one short unit of work takes a
+lease on the row (a second PATCH gets 423), the body goes to S3, and another
+short unit of work records the new parts and offset and frees the lease. The
+offset advances only in that last step, so a store outage or a checksum
+mismatch leaves the upload where it was; parts a failed PATCH uploaded are
+never listed, and its retry overwrites them under the same part numbers.
+
+Completion re-reads the assembled object once, streamed, for SHA-256, SHA-1,
+the sniffed type and the UTF-8 check: hash states cannot be kept between
+PATCHes that may reach different API processes, and one sequential read of
+the object costs little next to receiving it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy.orm import Session
+
+from fhir_api import service as fhir_service
+from fhir_api.context import RequestContext
+from fhir_api.errors import ResourceGone, ResourceNotFound
+from fhir_api.writes import EntryRequest, WriteSettings
+from hub.db import session_scope
+from hub.settings import Settings
+from imaging_store import repository as binary_repository
+from imaging_store.errors import ContentTypeNotAllowed, StorageUnavailable
+from imaging_store.models import BinaryObjectRow
+from imaging_store.service import Caller
+from imaging_store.sniffing import HEAD_BYTES, sniff_content_type
+from imaging_store.storage import BinaryStorage, object_key
+from imaging_store.uploads import repository
+from imaging_store.uploads.errors import (
+    ChecksumAlgorithmUnsupported,
+    ChecksumMismatch,
+    InvalidUploadRequest,
+    UploadBusy,
+    UploadExpired,
+    UploadInterrupted,
+    UploadNotFound,
+    UploadOffsetMismatch,
+    UploadTooLarge,
+)
+from imaging_store.uploads.models import ASSEMBLING, COMPLETED, RECEIVING, TusUploadRow
+
+log = structlog.get_logger()
+
+# S3's smallest part (all but the last); also the most a PATCH buffers in memory.
+PART_BYTES = 5 * 1024 * 1024
+STAGING_PREFIX = "uploads/"
+# A lease outlives a crashed API process by this much; a streaming PATCH
+# renews it well before, so a slow network never loses it mid-body.
+LEASE_DURATION = timedelta(minutes=15)
+LEASE_RENEW_SECONDS = 60.0
+CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+MAX_METADATA_CHARS = 4096
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_METADATA_KEY = re.compile(r"^[^\s,]+$")
+_CONTEXT_TYPES = {"patient": "Patient", "encounter": "Encounter"}
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSettings:
+    """What uploads need from the settings."""
+
+    max_bytes: int
+    expiry: timedelta
+    base_url: str
+    enforce_referential_integrity: bool
+
+
+def upload_settings(settings: Settings) -> UploadSettings:
+    """Return the upload rules of these settings."""
+    return UploadSettings(
+        max_bytes=settings.max_tus_upload_bytes,
+        expiry=timedelta(hours=settings.tus_upload_expiry_hours),
+        base_url=settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UploadStatus:
+    """Where an upload stands, as HEAD and PATCH report it."""
+
+    id: str
+    length: int
+    offset: int
+    upload_metadata: str | None
+    # None once finished: a finished upload no longer expires for the client.
+    expires_at: datetime | None
+    # Set once the bytes are a Binary.
+    binary_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadChecksum:
+    """A PATCH's Upload-Checksum: an algorithm and the digest of the body."""
+
+    algorithm: str
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A snapshot of the upload a leased PATCH works on."""
+
+    id: str
+    state: str
+    length: int
+    offset: int
+    binary_id: str
+    multipart_upload_id: str
+    parts: list[dict[str, Any]]
+    tail_key: str | None
+    tail_size: int
+
+    @classmethod
+    def of(cls, row: TusUploadRow) -> _Claim:
+        return cls(
+            id=row.id,
+            state=row.state,
+            length=row.length,
+            offset=row.upload_offset,
+            binary_id=row.binary_id,
+            multipart_upload_id=row.multipart_upload_id,
+            parts=list(row.parts),
+            tail_key=row.tail_key,
+            tail_size=row.tail_size,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """What one PATCH stored: its parts, its new tail and the new offset."""
+
+    parts: list[dict[str, Any]]
+    tail_key: str | None
+    tail_size: int
+    offset: int
+
+
+def staging_prefix(upload_id: str) -> str:
+    """Return the key prefix of an upload's staged objects."""
+    return f"{STAGING_PREFIX}{upload_id}/"
+
+
+def parse_upload_length(value: str | None, *, defer_length: str | None, limit: int) -> int:
+    """Return a valid Upload-Length, or refuse it (missing, deferred, zero, over the limit)."""
+    if defer_length is not None:
+        raise InvalidUploadRequest("Upload-Defer-Length is not supported; send Upload-Length")
+    if value is None:
+        raise InvalidUploadRequest("Upload-Length is required")
+    if not value.isascii() or not value.isdigit():
+        raise InvalidUploadRequest("Upload-Length must be a non-negative integer")
+    length = int(value)
+    if length == 0:
+        raise InvalidUploadRequest("the upload is empty")
+    if length > limit:
+        raise UploadTooLarge(f"Upload-Length is over the {limit}-byte limit")
+    return length
+
+
+def parse_upload_metadata(value: str | None) -> dict[str, str]:
+    """Decode Upload-Metadata (`key base64,key base64`); values must be UTF-8."""
+    if value is None or not value.strip():
+        return {}
+    if len(value) > MAX_METADATA_CHARS:
+        raise InvalidUploadRequest(f"Upload-Metadata is over {MAX_METADATA_CHARS} characters")
+    metadata: dict[str, str] = {}
+    for pair in value.split(","):
+        key, _, encoded = pair.strip().partition(" ")
+        if not _METADATA_KEY.match(key) or key in metadata:
+            raise InvalidUploadRequest("Upload-Metadata keys must be unique, without spaces")
+        try:
+            metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise InvalidUploadRequest(f"Upload-Metadata {key} is not base64 UTF-8") from None
+    return metadata
+
+
+def parse_upload_offset(value: str | None) -> int:
+    """Return a PATCH's Upload-Offset, or refuse it."""
+    if value is None or not value.isascii() or not value.isdigit():
+        raise InvalidUploadRequest("Upload-Offset must be a non-negative integer")
+    return int(value)
+
+
+def parse_upload_checksum(value: str | None) -> UploadChecksum | None:
+    """Return a PATCH's Upload-Checksum (`sha256 <base64>`), or None when absent."""
+    if value is None:
+        return None
+    algorithm, _, encoded = value.strip().partition(" ")
+    algorithm = algorithm.lower()
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise ChecksumAlgorithmUnsupported(
+            f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}"
+        )
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        raise InvalidUploadRequest("Upload-Checksum is not base64") from None
+    if len(digest) != hashlib.new(algorithm).digest_size:
+        raise InvalidUploadRequest(f"Upload-Checksum is not a {algorithm} digest")
+    return UploadChecksum(algorithm, digest)
+
+
+def _context_reference(key: str, value: str) -> str:
+    resource_type = _CONTEXT_TYPES[key]
+    resource_id = value.removeprefix(f"{resource_type}/")
+    if not _FHIR_ID.match(resource_id):
+        raise InvalidUploadRequest(f"Upload-Metadata {key} must be {resource_type}/<id>")
+    return f"{resource_type}/{resource_id}"
+
+
+def _request_context(caller: Caller) -> RequestContext:
+    return RequestContext(
+        client_id=caller.client_id, author=caller.author, request_id=caller.request_id
+    )
+
+
+def _security_context(
+    session: Session, metadata: dict[str, str], *, caller: Caller, settings: UploadSettings
+) -> str | None:
+    """Check the patient/encounter the metadata names; return the Binary's securityContext."""
+    references = {
+        key: _context_reference(key, metadata[key]) for key in _CONTEXT_TYPES if metadata.get(key)
+    }
+    # Checked now, not after gigabytes: the reference must resolve when the
+    # Binary is recorded, and the caller must be allowed to see it.
+    for key, reference in references.items():
+        resource_type, resource_id = reference.split("/")
+        try:
+            fhir_service.run_interaction(
+                session,
+                EntryRequest(method="GET", resource_type=resource_type, resource_id=resource_id),
+                context=_request_context(caller),
+                settings=WriteSettings(base_url=settings.base_url),
+            )
+        except (ResourceNotFound, ResourceGone):
+            raise InvalidUploadRequest(
+                f"Upload-Metadata {key} names no {resource_type} you may see"
+            ) from None
+    # The patient decides access (DESIGN.md "Access rules"); the encounter implies one.
+    return references.get("patient") or references.get("encounter")
+
+
+def _status(row: TusUploadRow) -> UploadStatus:
+    done = row.state == COMPLETED
+    return UploadStatus(
+        id=row.id,
+        length=row.length,
+        offset=row.upload_offset,
+        upload_metadata=row.upload_metadata,
+        expires_at=None if done else row.expires_at,
+        binary_id=row.binary_id if done else None,
+    )
+
+
+def _visible(row: TusUploadRow | None, *, caller: Caller, now: datetime) -> TusUploadRow:
+    # Another client's upload answers exactly like a missing one.
+    if row is None or row.owner_client_id != caller.client_id:
+        raise UploadNotFound("no such upload")
+    if row.expires_at <= now:
+        if row.state == COMPLETED:
+            raise UploadNotFound("no such upload")
+        raise UploadExpired(f"upload {row.id} expired; start a new upload")
+    return row
+
+
+def _leased(row: TusUploadRow, now: datetime) -> bool:
+    return (
+        row.lease_token is not None
+        and row.lease_expires_at is not None
+        and row.lease_expires_at > now
+    )
+
+
+def _take_lease(row: TusUploadRow, *, token: uuid.UUID, now: datetime) -> None:
+    row.lease_token = token
+    row.lease_expires_at = now + LEASE_DURATION
+
+
+def _leased_row(session: Session, upload_id: str, token: uuid.UUID) -> TusUploadRow:
+    row = repository.lock_upload(session, upload_id)
+    if row is None or row.lease_token != token:
+        # The lease ran out and another request took the upload over.
+        raise UploadBusy(f"upload {upload_id} was taken over by another request")
+    return row
+
+
+def _renew_lease(upload_id: str, token: uuid.UUID) -> None:
+    with session_scope() as session:
+        row = _leased_row(session, upload_id, token)
+        row.lease_expires_at = _now() + LEASE_DURATION
+
+
+def _release_lease(upload_id: str, token: uuid.UUID) -> None:
+    # Best effort on a failure path: an unreleased lease simply runs out.
+    try:
+        with session_scope() as session:
+            row = repository.lock_upload(session, upload_id)
+            if row is not None and row.lease_token == token:
+                row.lease_token = None
+                row.lease_expires_at = None
+    except Exception:  # the original error matters more than this one
+        log.warning("imaging_store.upload_lease_not_released", upload_id=upload_id)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_upload(
+    session: Session,
+    *,
+    storage: BinaryStorage,
+    caller: Caller,
+    upload_length: str | None,
+    defer_length: str | None,
+    upload_metadata: str | None,
+    settings: UploadSettings,
+    now: datetime,
+) -> UploadStatus:
+    """Start a resumable upload: check its headers, open its multipart upload, record it."""
+    length = parse_upload_length(upload_length, defer_length=defer_length, limit=settings.max_bytes)
+    metadata = parse_upload_metadata(upload_metadata)
+    security_context = _security_context(session, metadata, caller=caller, settings=settings)
+    binary_id = str(uuid.uuid4())
+    # The type is sniffed at completion; until then the object is opaque bytes.
+    multipart_upload_id = storage.start_multipart(
+        object_key(binary_id), content_type="application/octet-stream"
+    )
+    row = repository.add_upload(
+        session,
+        TusUploadRow(
+            id=uuid.uuid4().hex,
+            owner_client_id=caller.client_id,
+            length=length,
+            upload_offset=0,
+            upload_metadata=upload_metadata.strip() if upload_metadata else None,
+            security_context=security_context,
+            state=RECEIVING,
+            binary_id=binary_id,
+            multipart_upload_id=multipart_upload_id,
+            parts=[],
+            tail_key=None,
+            tail_size=0,
+            expires_at=now + settings.expiry,
+        ),
+    )
+    log.info(
+        "imaging_store.upload_created",
+        upload_id=row.id,
+        length=length,
+        client_id=caller.client_id,
+    )
+    return _status(row)
+
+
+def describe_upload(
+    *,
+    storage: BinaryStorage,
+    upload_id: str,
+    caller: Caller,
+    settings: UploadSettings,
+    now: datetime,
+) -> UploadStatus:
+    """Tell where an upload stands; finish it first if its completion was interrupted."""
+    with session_scope() as session:
+        row = _visible(repository.lock_upload(session, upload_id), caller=caller, now=now)
+        status = _status(row)
+        token: uuid.UUID | None = None
+        if row.state == ASSEMBLING and not _leased(row, now):
+            token = uuid.uuid4()
+            _take_lease(row, token=token, now=now)
+    if token is None:
+        return status
+    try:
+        return _assemble(
+            storage=storage, upload_id=upload_id, token=token, caller=caller, settings=settings
+        )
+    except BaseException:
+        _release_lease(upload_id, token)
+        raise
+
+
+def receive_chunk(
+    *,
+    storage: BinaryStorage,
+    upload_id: str,
+    caller: Caller,
+    upload_offset: str | None,
+    upload_checksum: str | None,
+    content_length: str | None,
+    chunks: Iterable[bytes],
+    settings: UploadSettings,
+    now: datetime,
+) -> UploadStatus:
+    """Append one PATCH body at the upload's offset; finish the upload when it is full."""
+    offset = parse_upload_offset(upload_offset)
+    checksum = parse_upload_checksum(upload_checksum)
+    declared = int(content_length) if content_length and content_length.isdigit() else None
+    token = uuid.uuid4()
+    with session_scope() as session:
+        row = _visible(repository.lock_upload(session, upload_id), caller=caller, now=now)
+        if _leased(row, now):
+            raise UploadBusy(f"upload {upload_id} is being written by another request")
+        if row.upload_offset != offset:
+            raise UploadOffsetMismatch(
+                f"Upload-Offset is {offset} but the upload is at {row.upload_offset}"
+            )
+        if declared is not None and offset + declared > row.length:
+            raise UploadTooLarge(f"the body goes past Upload-Length {row.length}")
+        if row.state == COMPLETED:
+            # The answer to a last PATCH was lost and the client sent it again.
+            return _status(row)
+        _take_lease(row, token=token, now=now)
+        claim = _Claim.of(row)
+    try:
+        if claim.state == RECEIVING:
+            staged = _stage_body(storage, claim, chunks, checksum, token=token)
+            with session_scope() as session:
+                row = _leased_row(session, upload_id, token)
+                row.parts = staged.parts
+                row.tail_key = staged.tail_key
+                row.tail_size = staged.tail_size
+                row.upload_offset = staged.offset
+                # Each PATCH buys the upload another expiry period.
+                row.expires_at = _now() + settings.expiry
+                if staged.offset == row.length:
+                    row.state = ASSEMBLING
+                else:
+                    row.lease_token = None
+                    row.lease_expires_at = None
+                status = _status(row)
+            if claim.tail_key is not None and claim.tail_key != staged.tail_key:
+                _remove_quietly(storage, claim.tail_key)
+            if status.offset < status.length:
+                return status
+        return _assemble(
+            storage=storage, upload_id=upload_id, token=token, caller=caller, settings=settings
+        )
+    except BaseException:
+        _release_lease(upload_id, token)
+        raise
+
+
+def _stage_body(
+    storage: BinaryStorage,
+    claim: _Claim,
+    chunks: Iterable[bytes],
+    checksum: UploadChecksum | None,
+    *,
+    token: uuid.UUID,
+) -> _Staged:
+    """Store a PATCH body as parts (and a new tail); nothing is recorded yet."""
+    key = object_key(claim.binary_id)
+    buffer = bytearray(storage.read_small(claim.tail_key)) if claim.tail_key else bytearray()
+    parts = list(claim.parts)
+    received = 0
+    body_hash = hashlib.new(checksum.algorithm) if checksum is not None else None
+    renewed_at = time.monotonic()
+
+    def flush_part() -> None:
+        etag = storage.upload_part(
+            key,
+            multipart_upload_id=claim.multipart_upload_id,
+            part_number=len(parts) + 1,
+            data=bytes(buffer),
+        )
+        parts.append({"number": len(parts) + 1, "etag": etag, "size": len(buffer)})
+        buffer.clear()
+
+    try:
+        for chunk in chunks:
+            received += len(chunk)
+            if claim.offset + received > claim.length:
+                raise UploadTooLarge(f"the body goes past Upload-Length {claim.length}")
+            if body_hash is not None:
+                body_hash.update(chunk)
+            buffer += chunk
+            if len(buffer) >= PART_BYTES:
+                flush_part()
+            if time.monotonic() - renewed_at > LEASE_RENEW_SECONDS:
+                _renew_lease(claim.id, token)
+                renewed_at = time.monotonic()
+    except UploadInterrupted:
+        # tus: keep what arrived, so the client resumes from there; a body
+        # announced with a checksum cannot be verified in part, so it goes.
+        if checksum is not None:
+            raise
+        log.info("imaging_store.upload_interrupted", upload_id=claim.id, received=received)
+    if checksum is not None and body_hash is not None and body_hash.digest() != checksum.digest:
+        raise ChecksumMismatch(f"the body does not match its Upload-Checksum {checksum.algorithm}")
+    if received == 0:
+        return _Staged(claim.parts, claim.tail_key, claim.tail_size, claim.offset)
+    offset = claim.offset + received
+    if offset == claim.length:
+        if buffer:
+            flush_part()
+        return _Staged(parts, None, 0, offset)
+    if not buffer:
+        return _Staged(parts, None, 0, offset)
+    # A fresh key per PATCH: the recorded tail stays intact until this one is committed.
+    tail_key = f"{staging_prefix(claim.id)}tail-{uuid.uuid4().hex}"
+    storage.put_bytes(tail_key, bytes(buffer))
+    return _Staged(parts, tail_key, len(buffer), offset)
+
+
+class _ObjectDigests:
+    """SHA-256, SHA-1, leading bytes and UTF-8 validity of an object read as a stream."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1(usedforsecurity=False)
+        self.head = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._valid_text = True
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next chunk of the object."""
+        self.size += len(chunk)
+        self.sha256.update(chunk)
+        self.sha1.update(chunk)
+        if len(self.head) < HEAD_BYTES:
+            self.head += chunk[: HEAD_BYTES - len(self.head)]
+        if self._valid_text:
+            try:
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self._valid_text = False
+            else:
+                self._valid_text = b"\x00" not in chunk
+
+    def valid_text(self) -> bool:
+        """Tell whether the whole object is UTF-8 without NUL."""
+        if not self._valid_text:
+            return False
+        try:
+            self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+
+def _assemble(
+    *,
+    storage: BinaryStorage,
+    upload_id: str,
+    token: uuid.UUID,
+    caller: Caller,
+    settings: UploadSettings,
+) -> UploadStatus:
+    """Complete the multipart object, check it, and record it as a Binary (lease held)."""
+    with session_scope() as session:
+        claim = _Claim.of(_leased_row(session, upload_id, token))
+    key = object_key(claim.binary_id)
+    numbered = [(int(part["number"]), str(part["etag"])) for part in claim.parts]
+    # False when a previous attempt completed it and then failed later on.
+    if not storage.complete_multipart(
+        key, multipart_upload_id=claim.multipart_upload_id, parts=numbered
+    ) and not storage.exists(key):
+        log.error("imaging_store.upload_parts_missing", upload_id=upload_id)
+        raise StorageUnavailable("the upload's parts are missing from object storage")
+    digests = _ObjectDigests()
+    for chunk in storage.open(key):
+        digests.feed(chunk)
+    try:
+        content_type = sniff_content_type(bytes(digests.head), valid_text=digests.valid_text())
+    except ContentTypeNotAllowed:
+        # Refused content is purged at once, not left for the sweep.
+        storage.remove(key)
+        _remove_prefix_quietly(storage, staging_prefix(upload_id))
+        with session_scope() as session:
+            repository.delete_upload(session, upload_id)
+        log.warning("imaging_store.upload_refused", upload_id=upload_id, client_id=caller.client_id)
+        raise
+    with session_scope() as session:
+        row = _leased_row(session, upload_id, token)
+        _record_binary(
+            session,
+            row=row,
+            content_type=content_type,
+            digests=digests,
+            caller=caller,
+            settings=settings,
+        )
+        row.state = COMPLETED
+        row.tail_key = None
+        row.tail_size = 0
+        row.lease_token = None
+        row.lease_expires_at = None
+        # A finished upload answers HEAD (with its Binary) this long, then goes.
+        row.expires_at = _now() + settings.expiry
+        status = _status(row)
+    _remove_prefix_quietly(storage, staging_prefix(upload_id))
+    log.info(
+        "imaging_store.upload_completed",
+        upload_id=upload_id,
+        binary_id=claim.binary_id,
+        content_type=content_type,
+        size=digests.size,
+        client_id=caller.client_id,
+    )
+    return status
+
+
+def _record_binary(
+    session: Session,
+    *,
+    row: TusUploadRow,
+    content_type: str,
+    digests: _ObjectDigests,
+    caller: Caller,
+    settings: UploadSettings,
+) -> None:
+    """Write the binary_object row and the data-less Binary, as POST /fhir/Binary does."""
+    document: dict[str, Any] = {
+        "resourceType": "Binary",
+        "id": row.binary_id,
+        "contentType": content_type,
+    }
+    if row.security_context is not None:
+        document["securityContext"] = {"reference": row.security_context}
+    binary_repository.add_binary_object(
+        session,
+        BinaryObjectRow(
+            id=row.binary_id,
+            content_type=content_type,
+            size=digests.size,
+            sha256=digests.sha256.digest(),
+            sha1=digests.sha1.digest(),
+            object_key=object_key(row.binary_id),
+            owner_client_id=row.owner_client_id,
+            security_context=row.security_context,
+        ),
+    )
+    fhir_service.run_interaction(
+        session,
+        EntryRequest(
+            method="PUT", resource_type="Binary", resource_id=row.binary_id, resource=document
+        ),
+        context=_request_context(caller),
+        settings=WriteSettings(
+            base_url=settings.base_url,
+            enforce_referential_integrity=settings.enforce_referential_integrity,
+        ),
+    )
+
+
+def terminate_upload(
+    session: Session, *, storage: BinaryStorage, upload_id: str, caller: Caller, now: datetime
+) -> None:
+    """Drop an upload and its stored parts (tus termination); a finished Binary stays."""
+    row = repository.lock_upload(session, upload_id)
+    if row is None or row.owner_client_id != caller.client_id:
+        raise UploadNotFound("no such upload")
+    if _leased(row, now):
+        raise UploadBusy(f"upload {upload_id} is being written by another request")
+    if row.state != COMPLETED:
+        _discard_objects(storage, row)
+    repository.delete_upload(session, upload_id)
+    log.info("imaging_store.upload_terminated", upload_id=upload_id, client_id=caller.client_id)
+
+
+def _discard_objects(storage: BinaryStorage, row: TusUploadRow) -> None:
+    key = object_key(row.binary_id)
+    storage.abort_multipart(key, multipart_upload_id=row.multipart_upload_id)
+    if row.state == ASSEMBLING:
+        # Completed in S3 but never recorded as a Binary: nobody can reach it.
+        storage.remove(key)
+    storage.remove_prefix(staging_prefix(row.id))
+
+
+def sweep_expired_uploads(
+    session: Session, *, storage: BinaryStorage, now: datetime, limit: int = 500
+) -> int:
+    """Remove uploads past their expiry (parts, staged objects, rows); return how many."""
+    swept = 0
+    for row in repository.lock_expired_uploads(session, now=now, limit=limit):
+        if row.state != COMPLETED:
+            _discard_objects(storage, row)
+        repository.delete_upload(session, row.id)
+        swept += 1
+    if swept:
+        log.info("imaging_store.uploads_swept", count=swept)
+    return swept
+
+
+def _remove_quietly(storage: BinaryStorage, key: str) -> None:
+    # Leftovers under the upload's prefix go with it at completion or expiry.
+    try:
+        storage.remove(key)
+    except StorageUnavailable:
+        log.warning("imaging_store.staged_object_kept", key=key)
+
+
+def _remove_prefix_quietly(storage: BinaryStorage, prefix: str) -> None:
+    try:
+        storage.remove_prefix(prefix)
+    except StorageUnavailable:
+        log.warning("imaging_store.staged_objects_kept", prefix=prefix)

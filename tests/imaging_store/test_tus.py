@@ -1,0 +1,583 @@
+"""Resumable uploads (tus 1.0.0) over real HTTP with tuspy, on real S3 and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from minio import Minio
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+from tusclient import client as tus_client
+from tusclient.exceptions import TusCommunicationError
+
+from hub.settings import Settings
+from imaging_store.service import binary_storage
+from imaging_store.uploads.router import router as uploads_router
+from imaging_store.uploads.service import PART_BYTES, sweep_expired_uploads
+from tests.imaging_store import samples
+from tests.imaging_store.conftest import stored_keys
+from tests.servers import serve
+
+TUS = {"Tus-Resumable": "1.0.0"}
+Headers = Callable[[str], dict[str, str]]
+
+
+def _with_uploads(application: FastAPI) -> FastAPI:
+    # hub/app.py mounts the router once the lead wires it; until then the tests do.
+    if not any(
+        getattr(route, "path", "").startswith("/imaging/uploads") for route in application.routes
+    ):
+        application.include_router(uploads_router)
+    return application
+
+
+@pytest.fixture(scope="session")
+def imaging_server(app: FastAPI) -> Iterator[str]:
+    """This module's own live server of the imaging app.
+
+    Not the suite's `live_server`: that one may already serve an app built
+    before the local S3 server's settings applied.
+    """
+    with serve(_with_uploads(app)) as base:
+        yield base
+
+
+@pytest.fixture
+def uploads_url(imaging_server: str, committed: Engine, settings: Settings) -> Iterator[str]:
+    """The tus endpoint of the live server; uploads and Binaries are removed afterwards."""
+    yield f"{imaging_server}/imaging/uploads"
+    # Every upload a test left open goes, with its S3 parts, as if long expired.
+    with Session(committed) as session, session.begin():
+        sweep_expired_uploads(
+            session, storage=binary_storage(settings), now=datetime.now(UTC) + timedelta(days=365)
+        )
+    owner = create_engine(str(settings.migration_database_url))
+    with owner.begin() as connection:
+        connection.execute(text("TRUNCATE tus_upload"))
+    owner.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3_down_uploads_url(s3_down_app: FastAPI) -> Iterator[str]:
+    """The tus endpoint of a live app whose object store is a closed port."""
+    with serve(_with_uploads(s3_down_app)) as base:
+        yield f"{base}/imaging/uploads"
+
+
+def _content(size: int, head: bytes = b"") -> bytes:
+    """Return `size` deterministic bytes starting with `head` (a JPEG header by default)."""
+    head = head or samples.jpeg()[:64]
+    return head + random.Random(size).randbytes(size - len(head))  # noqa: S311 - test data
+
+
+def _metadata(**values: str) -> str:
+    return ",".join(f"{key} {base64.b64encode(v.encode()).decode()}" for key, v in values.items())
+
+
+def _create(url: str, length: int, headers: dict[str, str], **extra: str) -> str:
+    response = httpx.post(url, headers={**TUS, **headers, "Upload-Length": str(length), **extra})
+    assert response.status_code == 201, response.text
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    return str(httpx.URL(url).join(response.headers["Location"]))
+
+
+def _patch(
+    upload_url: str, body: bytes, offset: int, headers: dict[str, str], **extra: str
+) -> httpx.Response:
+    return httpx.patch(
+        upload_url,
+        content=body,
+        headers={
+            **TUS,
+            **headers,
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": str(offset),
+            **extra,
+        },
+        timeout=60,
+    )
+
+
+def _head(upload_url: str, headers: dict[str, str]) -> httpx.Response:
+    return httpx.head(upload_url, headers={**TUS, **headers})
+
+
+def _sha256(content: bytes) -> str:
+    return "sha256 " + base64.b64encode(hashlib.sha256(content).digest()).decode()
+
+
+def _assert_problem(response: httpx.Response, status: int, slug: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    if response.request.method != "HEAD":  # a HEAD answer has no body to read
+        assert response.json()["type"].endswith(f"/{slug}")
+
+
+def _upload_row(engine: Engine, upload_url: str) -> dict[str, Any] | None:
+    upload_id = upload_url.rsplit("/", 1)[1]
+    with engine.connect() as connection:
+        row = (
+            connection.execute(text("SELECT * FROM tus_upload WHERE id = :id"), {"id": upload_id})
+            .mappings()
+            .one_or_none()
+        )
+    return dict(row) if row is not None else None
+
+
+def _assembling_keys(s3: Minio, settings: Settings) -> set[str]:
+    """Return the object keys of the multipart uploads still open in the bucket."""
+    result = s3._list_multipart_uploads(settings.s3_bucket)
+    return {str(upload.object_name) for upload in result.uploads}
+
+
+def _binary_key(engine: Engine, upload_url: str) -> str:
+    row = _upload_row(engine, upload_url)
+    assert row is not None
+    return f"binaries/{row['binary_id']}"
+
+
+def _staged_keys(s3: Minio, settings: Settings, upload_url: str) -> set[str]:
+    prefix = f"uploads/{upload_url.rsplit('/', 1)[1]}/"
+    return {
+        str(item.object_name)
+        for item in s3.list_objects(settings.s3_bucket, prefix=prefix, recursive=True)
+    }
+
+
+def _stored_bytes(base: str, binary: str, headers: dict[str, str]) -> bytes:
+    response = httpx.get(f"{base}/fhir/{binary}", headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def test_options_describes_the_server(
+    uploads_url: str, auth_headers: Headers, settings: Settings
+) -> None:
+    response = httpx.options(uploads_url, headers=auth_headers("unit-01"))
+    assert response.status_code == 204
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    assert response.headers["Tus-Version"] == "1.0.0"
+    assert set(response.headers["Tus-Extension"].split(",")) == {
+        "creation",
+        "termination",
+        "checksum",
+        "expiration",
+    }
+    assert response.headers["Tus-Max-Size"] == str(settings.max_tus_upload_bytes)
+    assert "sha256" in response.headers["Tus-Checksum-Algorithm"].split(",")
+
+
+def test_tuspy_uploads_in_chunks_into_a_binary(
+    uploads_url: str,
+    auth_headers: Headers,
+    tmp_path: Path,
+    s3: Minio,
+    settings: Settings,
+    committed: Engine,
+) -> None:
+    # Over two S3 parts, in chunks that do not line up with them, each checksummed.
+    content = _content(2 * PART_BYTES + 1234)
+    source = tmp_path / "lesion.jpg"
+    source.write_bytes(content)
+    headers = auth_headers("unit-01")
+    uploader = tus_client.TusClient(uploads_url, headers=headers).uploader(
+        str(source),
+        chunk_size=3 * 1024 * 1024,
+        metadata={"filename": "lesion.jpg", "filetype": "image/jpeg"},
+        upload_checksum=True,
+    )
+    uploader.upload()
+
+    assert uploader.request is not None
+    binary = uploader.request.response_headers["waha-binary"]
+    assert binary.startswith("Binary/")
+    head = _head(uploader.url, headers)
+    assert head.status_code == 200
+    assert head.headers["Waha-Binary"] == binary
+    assert head.headers["Upload-Offset"] == head.headers["Upload-Length"] == str(len(content))
+    assert head.headers["Cache-Control"] == "no-store"
+    assert head.headers["Upload-Metadata"] == _metadata(
+        filename="lesion.jpg", filetype="image/jpeg"
+    )
+
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, binary, headers) == content
+    with committed.connect() as connection:
+        row = connection.execute(
+            text("SELECT content_type, size, sha256, sha1 FROM binary_object WHERE id = :id"),
+            {"id": binary.removeprefix("Binary/")},
+        ).one()
+    assert row.content_type == "image/jpeg"
+    assert row.size == len(content)
+    assert bytes(row.sha256) == hashlib.sha256(content).digest()
+    assert bytes(row.sha1) == hashlib.sha1(content, usedforsecurity=False).digest()
+    # Nothing staged or half-assembled is left behind.
+    assert _staged_keys(s3, settings, uploader.url) == set()
+    assert f"binaries/{binary.removeprefix('Binary/')}" not in _assembling_keys(s3, settings)
+
+
+def test_a_new_client_resumes_from_the_server_offset(
+    uploads_url: str, auth_headers: Headers, tmp_path: Path
+) -> None:
+    content = _content(PART_BYTES + 4321)
+    source = tmp_path / "fundus.jpg"
+    source.write_bytes(content)
+    headers = auth_headers("unit-01")
+    first = tus_client.TusClient(uploads_url, headers=headers).uploader(
+        str(source), chunk_size=2 * 1024 * 1024
+    )
+    # tuspy leaves upload_chunk unannotated.
+    first.upload_chunk()  # type: ignore[no-untyped-call]
+    first.upload_chunk()  # type: ignore[no-untyped-call]  # the unit loses its network here
+
+    resumed = tus_client.TusClient(uploads_url, headers=headers).uploader(
+        str(source), url=first.url, chunk_size=2 * 1024 * 1024
+    )
+    assert resumed.offset == 4 * 1024 * 1024
+    resumed.upload()
+
+    assert resumed.request is not None
+    binary = resumed.request.response_headers["waha-binary"]
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, binary, headers) == content
+
+
+def test_a_dropped_connection_keeps_the_bytes_received(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    content = _content(300_000)
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, len(content), headers)
+    target = urlsplit(upload_url)
+    sent = 100_000
+    request_head = "".join(
+        f"{name}: {value}\r\n"
+        for name, value in {
+            **TUS,
+            **headers,
+            "Host": target.netloc,
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": "0",
+            "Content-Length": str(len(content)),
+        }.items()
+    )
+    with socket.create_connection((target.hostname, target.port)) as connection:
+        connection.sendall(f"PATCH {target.path} HTTP/1.1\r\n{request_head}\r\n".encode())
+        connection.sendall(content[:sent])
+    # The server records what it received once it notices the disconnect.
+    offset = 0
+    for _ in range(400):
+        offset = int(_head(upload_url, headers).headers["Upload-Offset"])
+        if offset:
+            break
+        time.sleep(0.05)
+    assert offset == sent
+
+    finished = _patch(upload_url, content[sent:], sent, headers)
+    assert finished.status_code == 204, finished.text
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+
+
+def test_checksum_mismatch_discards_the_chunk(uploads_url: str, auth_headers: Headers) -> None:
+    content = _content(50_000)
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, len(content), headers)
+    first = content[:20_000]
+
+    wrong = _patch(upload_url, first, 0, headers, **{"Upload-Checksum": _sha256(b"other")})
+    _assert_problem(wrong, 460, "checksum-mismatch")
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+
+    unknown = _patch(upload_url, first, 0, headers, **{"Upload-Checksum": "md5 AAAA"})
+    _assert_problem(unknown, 400, "checksum-algorithm-unsupported")
+
+    right = _patch(upload_url, first, 0, headers, **{"Upload-Checksum": _sha256(first)})
+    assert right.status_code == 204
+    assert right.headers["Upload-Offset"] == str(len(first))
+    assert "Upload-Expires" in right.headers
+
+
+def test_wrong_offset_is_a_conflict(uploads_url: str, auth_headers: Headers) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 1000, headers)
+    assert _patch(upload_url, _content(100), 0, headers).status_code == 204
+
+    _assert_problem(_patch(upload_url, b"x" * 10, 0, headers), 409, "upload-offset-mismatch")
+    _assert_problem(_patch(upload_url, b"x" * 10, 500, headers), 409, "upload-offset-mismatch")
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "100"
+
+
+def test_a_patch_while_another_is_writing_is_refused(
+    uploads_url: str, auth_headers: Headers, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 1000, headers)
+    # What a PATCH streaming its body holds: the row's lease.
+    with committed.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE tus_upload SET lease_token = gen_random_uuid(),"
+                " lease_expires_at = now() + interval '5 minutes' WHERE id = :id"
+            ),
+            {"id": upload_url.rsplit("/", 1)[1]},
+        )
+    _assert_problem(_patch(upload_url, _content(100), 0, headers), 423, "upload-busy")
+    _assert_problem(httpx.delete(upload_url, headers={**TUS, **headers}), 423, "upload-busy")
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+
+
+def test_too_large_uploads_and_bodies_are_refused(
+    uploads_url: str, auth_headers: Headers, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    too_large = httpx.post(
+        uploads_url,
+        headers={**TUS, **headers, "Upload-Length": str(settings.max_tus_upload_bytes + 1)},
+    )
+    _assert_problem(too_large, 413, "upload-too-large")
+
+    upload_url = _create(uploads_url, 100, headers)
+    _assert_problem(_patch(upload_url, _content(101), 0, headers), 413, "upload-too-large")
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+    with committed.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM tus_upload")).scalar_one() == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "slug"),
+    [
+        ({}, 400, "invalid-upload-request"),
+        ({"Upload-Defer-Length": "1"}, 400, "invalid-upload-request"),
+        ({"Upload-Length": "-5"}, 400, "invalid-upload-request"),
+        ({"Upload-Length": "0"}, 400, "invalid-upload-request"),
+        ({"Upload-Length": "10", "Upload-Metadata": "filename ***"}, 400, "invalid-upload-request"),
+        (
+            {"Upload-Length": "10", "Upload-Metadata": "a YQ==,a YQ=="},
+            400,
+            "invalid-upload-request",
+        ),
+        (
+            {"Upload-Length": "10", "Upload-Metadata": _metadata(patient="no-such-patient")},
+            400,
+            "invalid-upload-request",
+        ),
+        ({"Upload-Length": "10", "Tus-Resumable": "0.2.2"}, 412, "tus-version-unsupported"),
+    ],
+)
+def test_bad_creation_requests_store_nothing(
+    uploads_url: str,
+    auth_headers: Headers,
+    committed: Engine,
+    extra: dict[str, str],
+    status: int,
+    slug: str,
+) -> None:
+    response = httpx.post(uploads_url, headers={**TUS, **auth_headers("unit-01"), **extra})
+    _assert_problem(response, status, slug)
+    if status == 412:
+        assert response.headers["Tus-Version"] == "1.0.0"
+    with committed.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM tus_upload")).scalar_one() == 0
+
+
+def test_bad_patch_requests_are_refused(uploads_url: str, auth_headers: Headers) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 100, headers)
+    wrong_type = httpx.patch(
+        upload_url,
+        content=b"abc",
+        headers={
+            **TUS,
+            **headers,
+            "Content-Type": "application/octet-stream",
+            "Upload-Offset": "0",
+        },
+    )
+    _assert_problem(wrong_type, 415, "not-offset-octet-stream")
+    no_version = httpx.patch(
+        upload_url,
+        content=b"abc",
+        headers={
+            **headers,
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": "0",
+        },
+    )
+    _assert_problem(no_version, 412, "tus-version-unsupported")
+    no_offset = httpx.patch(
+        upload_url,
+        content=b"abc",
+        headers={**TUS, **headers, "Content-Type": "application/offset+octet-stream"},
+    )
+    _assert_problem(no_offset, 400, "invalid-upload-request")
+    _assert_problem(_head(f"{uploads_url}/nope", headers), 404, "upload-not-found")
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+
+
+def test_termination_removes_the_upload_and_its_parts(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    # One full part and a staged tail (the request's chunking decides where the part ends).
+    content = _content(PART_BYTES + 1024 * 1024)
+    upload_url = _create(uploads_url, len(content) + 1, headers)
+    assert _patch(upload_url, content, 0, headers).status_code == 204
+    binary_key = _binary_key(committed, upload_url)
+    assert _staged_keys(s3, settings, upload_url)
+    assert binary_key in _assembling_keys(s3, settings)
+
+    deleted = httpx.delete(upload_url, headers={**TUS, **headers})
+    assert deleted.status_code == 204
+    assert deleted.headers["Tus-Resumable"] == "1.0.0"
+    _assert_problem(_head(upload_url, headers), 404, "upload-not-found")
+    _assert_problem(_patch(upload_url, b"x", len(content), headers), 404, "upload-not-found")
+    _assert_problem(httpx.delete(upload_url, headers={**TUS, **headers}), 404, "upload-not-found")
+    assert _staged_keys(s3, settings, upload_url) == set()
+    assert binary_key not in _assembling_keys(s3, settings)
+
+
+def test_another_client_sees_no_upload(uploads_url: str, auth_headers: Headers) -> None:
+    owner, other = auth_headers("unit-01"), auth_headers("unit-02")
+    upload_url = _create(uploads_url, 100, owner)
+
+    _assert_problem(_head(upload_url, other), 404, "upload-not-found")
+    _assert_problem(_patch(upload_url, _content(100), 0, other), 404, "upload-not-found")
+    _assert_problem(httpx.delete(upload_url, headers={**TUS, **other}), 404, "upload-not-found")
+    assert _head(upload_url, owner).headers["Upload-Offset"] == "0"
+
+
+def test_disguised_html_is_refused_at_completion_and_purged(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    content = samples.HTML + b" " * 1000
+    upload_url = _create(
+        uploads_url, len(content), headers, **{"Upload-Metadata": _metadata(filetype="image/jpeg")}
+    )
+    assert _patch(upload_url, content[:500], 0, headers).status_code == 204
+    binary_key = _binary_key(committed, upload_url)
+
+    refused = _patch(upload_url, content[500:], 500, headers)
+    _assert_problem(refused, 415, "content-type-not-allowed")
+    _assert_problem(_head(upload_url, headers), 404, "upload-not-found")
+    assert binary_key not in stored_keys(s3, settings)
+    assert binary_key not in _assembling_keys(s3, settings)
+    assert _staged_keys(s3, settings, upload_url) == set()
+    with committed.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM binary_object")).scalar_one() == 0
+
+
+def test_object_store_down_answers_503_and_keeps_the_offset(
+    uploads_url: str, s3_down_uploads_url: str, auth_headers: Headers
+) -> None:
+    headers = auth_headers("unit-01")
+    content = _content(40_000)
+    upload_url = _create(uploads_url, len(content), headers)
+    assert _patch(upload_url, content[:10_000], 0, headers).status_code == 204
+    upload_id = upload_url.rsplit("/", 1)[1]
+
+    # The same upload reached through an API process whose object store is down.
+    down = f"{s3_down_uploads_url}/{upload_id}"
+    _assert_problem(_patch(down, content[10_000:], 10_000, headers), 503, "storage-unavailable")
+    _assert_problem(
+        httpx.post(s3_down_uploads_url, headers={**TUS, **headers, "Upload-Length": "10"}),
+        503,
+        "storage-unavailable",
+    )
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "10000"
+
+    finished = _patch(upload_url, content[10_000:], 10_000, headers)
+    assert finished.status_code == 204, finished.text
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+
+
+def test_expired_uploads_answer_410_and_are_swept(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    expiring = _create(uploads_url, 10_000, headers)
+    assert _patch(expiring, _content(3_000), 0, headers).status_code == 204
+    expiring_key = _binary_key(committed, expiring)
+    kept = _create(uploads_url, 10_000, headers)
+    kept_key = _binary_key(committed, kept)
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
+            {"id": expiring.rsplit("/", 1)[1]},
+        )
+    _assert_problem(_head(expiring, headers), 410, "upload-expired")
+    _assert_problem(_patch(expiring, b"x", 3_000, headers), 410, "upload-expired")
+    assert _staged_keys(s3, settings, expiring)
+
+    with Session(committed) as session, session.begin():
+        swept = sweep_expired_uploads(
+            session, storage=binary_storage(settings), now=datetime.now(UTC)
+        )
+    assert swept == 1
+    assert _upload_row(committed, expiring) is None
+    assert _upload_row(committed, kept) is not None
+    assert _staged_keys(s3, settings, expiring) == set()
+    assert expiring_key not in _assembling_keys(s3, settings)
+    assert kept_key in _assembling_keys(s3, settings)
+    _assert_problem(_head(expiring, headers), 404, "upload-not-found")
+
+
+def test_tuspy_reports_refusals(uploads_url: str, auth_headers: Headers, tmp_path: Path) -> None:
+    source = tmp_path / "page.html"
+    source.write_bytes(samples.HTML)
+    uploader = tus_client.TusClient(uploads_url, headers=auth_headers("unit-01")).uploader(
+        str(source), chunk_size=1024
+    )
+    with pytest.raises(TusCommunicationError) as refused:
+        uploader.upload()
+    assert refused.value.status_code == 415
+
+
+def test_metadata_naming_a_patient_sets_the_binary_security_context(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    headers = auth_headers("unit-01")
+    base = uploads_url.removesuffix("/imaging/uploads")
+    created = httpx.post(
+        f"{base}/fhir/Patient",
+        json={"resourceType": "Patient", "gender": "female"},
+        headers={**headers, "Content-Type": "application/fhir+json"},
+    )
+    assert created.status_code == 201, created.text
+    patient_id = created.json()["id"]
+    content = samples.png()
+    upload_url = _create(
+        uploads_url,
+        len(content),
+        headers,
+        **{"Upload-Metadata": _metadata(filename="wound.png", patient=f"Patient/{patient_id}")},
+    )
+    finished = _patch(upload_url, content, 0, headers)
+    assert finished.status_code == 204, finished.text
+
+    binary = httpx.get(
+        f"{base}/fhir/{finished.headers['Waha-Binary']}",
+        headers={**headers, "Accept": "application/fhir+json"},
+    )
+    assert binary.status_code == 200, binary.text
+    assert binary.json()["contentType"] == "image/png"
+    assert binary.json()["securityContext"] == {"reference": f"Patient/{patient_id}"}
+    # A repeated last PATCH (its answer lost) gets the same answer, nothing more.
+    again = _patch(upload_url, b"", len(content), headers)
+    assert again.status_code == 204
+    assert again.headers["Waha-Binary"] == finished.headers["Waha-Binary"]
