@@ -11,7 +11,7 @@ written in a few multi-row statements.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -41,6 +41,26 @@ from hub.errors import Issue, WahaError
 RESOURCE_CHANGED = "fhir.resource_changed"
 WRITE_METHODS = ("DELETE", "POST", "PUT")
 WRITE_INTERACTION = {"POST": "create", "PUT": "update", "DELETE": "delete"}
+
+# Rules other domains add to what a resource of a type must satisfy before it
+# is stored (the imaging store checks and fills a Media's content from the
+# stored Binary). Each runs after references are resolved, may change the
+# resource, and raises a WahaError (its Issue paths relative to the resource)
+# to refuse the entry.
+ResourcePreparer = Callable[[Session, JSONObject, RequestContext], None]
+_preparers: dict[str, list[ResourcePreparer]] = {}
+
+
+def register_preparer(resource_type: str, preparer: ResourcePreparer) -> None:
+    """Run `preparer` on every created or updated resource of `resource_type`."""
+    if preparer not in _preparers.setdefault(resource_type, []):
+        _preparers[resource_type].append(preparer)
+
+
+def unregister_preparer(resource_type: str, preparer: ResourcePreparer) -> None:
+    """Stop running `preparer` (tests)."""
+    if preparer in _preparers.get(resource_type, []):
+        _preparers[resource_type].remove(preparer)
 # Organizations name their region with this identifier (the region's own
 # Organization does; a unit's Organization is `partOf` it).
 SID_REGION = "https://waha.health/fhir/sid/region"
@@ -198,6 +218,7 @@ class TransactionEngine:
         self._check_duplicate_targets(writes)
         self._check_visible_targets(writes)
         self._rewrite_references(planned, created)
+        self._prepare(writes)
         results.update(self._apply_writes(writes))
         for item in planned:
             if item.matched_existing or item.no_op_status is not None:
@@ -553,6 +574,15 @@ class TransactionEngine:
             self.session, RESOURCE_CHANGED, events, request_id=self.context.request_id
         )
         return results
+
+    def _prepare(self, writes: Sequence[_Planned]) -> None:
+        for item in writes:
+            entry = item.entry
+            if entry.method == "DELETE" or entry.resource is None or entry.resource_type is None:
+                continue
+            for preparer in _preparers.get(entry.resource_type, ()):
+                resource = entry.resource
+                self._guard(item, lambda p=preparer, r=resource: p(self.session, r, self.context))
 
     def _check_visible_targets(self, writes: Sequence[_Planned]) -> None:
         """Answer 404 for an update or delete of a resource the caller may not see."""
