@@ -11,7 +11,14 @@ import time
 from collections.abc import Sequence
 
 from bench import everything, ingest
-from bench.common import BenchError, Check, add_http_arguments, check_api, print_checks
+from bench.common import (
+    BenchError,
+    Check,
+    add_http_arguments,
+    check_api,
+    credentials,
+    print_checks,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seed is None:
         args.seed = int(time.time())
     try:
-        check_api(args.base_url, token=args.token)
+        check_api(args.base_url, token=credentials(args))
         print(f"Waha benchmarks against {args.base_url}")
         checks: list[Check] = ingest.run_all(args)
         # $everything reuses the reference data the ingest run has just put.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ JSONObject = dict[str, Any]
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/waha"
 TOKEN_ENV = "WAHA_BENCH_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+DEFAULT_ISSUER_URL = "http://127.0.0.1:8080/realms/waha"
+# The dev realm's published credentials (platform/keycloak/waha-realm.json).
+DEV_PASSWORD = "waha-dev"  # noqa: S105
+DEV_UNIT_SECRETS = {"unit-01": "unit-01-secret", "unit-02": "unit-02-secret"}
 FHIR_JSON = "application/fhir+json"
 
 
@@ -39,25 +44,101 @@ class Check:
         return "PASS" if self.passed else "SHORT"
 
 
-def add_http_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --base-url, --token and --timeout to a script's arguments."""
+class IssuerToken(httpx.Auth):
+    """Bearer tokens of a dev user or unit client, fetched from the issuer and renewed.
+
+    Access tokens live 300 s; a benchmark runs longer, so each request carries
+    a token with at least a minute left. Thread-safe enough: a race fetches twice.
+    """
+
+    def __init__(self, issuer_url: str, name: str) -> None:
+        self.issuer_url = issuer_url
+        self.token_url = issuer_url.rstrip("/") + "/protocol/openid-connect/token"
+        self.name = name
+        self._token: tuple[str, float] | None = None
+
+    def token(self) -> str:
+        """Return a token with at least 60 s to live."""
+        cached = self._token
+        if cached is not None and cached[1] > time.monotonic() + 60:
+            return cached[0]
+        if self.name in DEV_UNIT_SECRETS:
+            form = {
+                "grant_type": "client_credentials",
+                "client_id": self.name,
+                "client_secret": DEV_UNIT_SECRETS[self.name],
+            }
+        else:
+            form = {
+                "grant_type": "password",
+                "client_id": "waha-cli",
+                "username": self.name,
+                "password": DEV_PASSWORD,
+            }
+        try:
+            response = httpx.post(self.token_url, data=form, timeout=10)
+        except httpx.HTTPError as error:
+            raise BenchError(
+                f"the issuer at {self.token_url} is not reachable ({error})"
+            ) from error
+        if response.status_code != 200:
+            raise BenchError(f"the issuer refused a token for {self.name}: {response.text[:200]}")
+        body = response.json()
+        self._token = (str(body["access_token"]), time.monotonic() + float(body["expires_in"]))
+        return self._token[0]
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Add the bearer token to a request."""
+        request.headers["Authorization"] = f"Bearer {self.token()}"
+        yield request
+
+
+def add_http_arguments(parser: argparse.ArgumentParser, *, default_as: str = "unit-01") -> None:
+    """Add --base-url, --token/--issuer-url/--as and --timeout to a script's arguments."""
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="API root (not /fhir)")
     parser.add_argument(
         "--token",
         default=os.environ.get(TOKEN_ENV),
-        help=f"bearer token sent as Authorization (default: ${TOKEN_ENV})",
+        help=f"a fixed bearer token (default: ${TOKEN_ENV}); else one from --issuer-url",
+    )
+    parser.add_argument(
+        "--issuer-url", default=DEFAULT_ISSUER_URL, help="OIDC issuer to fetch dev tokens from"
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_",
+        default=default_as,
+        help=f"dev user or unit client the requests act as (default {default_as})",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
 
 
-def make_client(base_url: str, *, token: str | None, timeout: float) -> httpx.Client:
-    """Return an HTTP client for the FHIR base with the FHIR media type and optional token."""
+def credentials(args: argparse.Namespace) -> str | IssuerToken:
+    """Return what authenticates the script's requests: a fixed token or an issuer source."""
+    if args.token:
+        return str(args.token)
+    return IssuerToken(args.issuer_url, args.as_)
+
+
+def admin_credentials(token: str | IssuerToken | None) -> str | IssuerToken | None:
+    """Return credentials for reference-data set-up: admin's when tokens come from the issuer."""
+    if isinstance(token, IssuerToken):
+        return IssuerToken(token.issuer_url, "admin")
+    return token
+
+
+def make_client(base_url: str, *, token: str | IssuerToken | None, timeout: float) -> httpx.Client:
+    """Return an HTTP client for the FHIR base with the FHIR media type and a bearer token."""
     headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
-    if token:
+    auth: httpx.Auth | None = None
+    if isinstance(token, IssuerToken):
+        auth = token
+    elif token:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.Client(
         base_url=base_url.rstrip("/") + "/fhir",
         headers=headers,
+        auth=auth,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
     )
 
@@ -86,7 +167,7 @@ def describe_failure(response: httpx.Response) -> str:
     return summary
 
 
-def check_api(base_url: str, *, token: str | None, timeout: float = 10.0) -> None:
+def check_api(base_url: str, *, token: str | IssuerToken | None, timeout: float = 10.0) -> None:
     """Raise BenchError unless the API answers its CapabilityStatement."""
     with make_client(base_url, token=token, timeout=timeout) as client:
         try:

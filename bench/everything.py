@@ -24,9 +24,11 @@ import orjson
 from bench.common import (
     BenchError,
     Check,
+    IssuerToken,
     JSONObject,
     add_http_arguments,
     check_api,
+    credentials,
     describe_failure,
     make_client,
     percentile,
@@ -82,7 +84,13 @@ def _patient_id(client: httpx.Client, national_id: str) -> str:
 
 
 def prepare_patient(
-    base_url: str, *, token: str | None, timeout: float, seed: int, visits: int, setup: bool
+    base_url: str,
+    *,
+    token: str | IssuerToken | None,
+    timeout: float,
+    seed: int,
+    visits: int,
+    setup: bool,
 ) -> tuple[str, int]:
     """Store the patient's visits (idempotent for a given seed); return its id and size."""
     bundles = patient_history_bundles(seed, visits=visits)
@@ -129,7 +137,7 @@ def _fetch_everything(client: httpx.Client, first_url: str) -> tuple[int, int, i
 def measure(
     base_url: str,
     *,
-    token: str | None,
+    token: str | IssuerToken | None,
     timeout: float,
     patient_id: str,
     expected: int,
@@ -198,10 +206,10 @@ def print_run(run: EverythingRun) -> None:
 
 def run_all(args: argparse.Namespace) -> list[Check]:
     """Prepare the patient, time `$everything`; print and return checks."""
-    check_api(args.base_url, token=args.token)
+    check_api(args.base_url, token=credentials(args))
     patient_id, expected = prepare_patient(
         args.base_url,
-        token=args.token,
+        token=credentials(args),
         timeout=args.timeout,
         seed=args.everything_seed,
         visits=args.visits,
@@ -209,7 +217,7 @@ def run_all(args: argparse.Namespace) -> list[Check]:
     )
     run = measure(
         args.base_url,
-        token=args.token,
+        token=credentials(args),
         timeout=args.timeout,
         patient_id=patient_id,
         expected=expected,

@@ -36,9 +36,12 @@ from bench.common import (
     DEFAULT_DSN,
     BenchError,
     Check,
+    IssuerToken,
     JSONObject,
     add_http_arguments,
+    admin_credentials,
     check_api,
+    credentials,
     describe_failure,
     make_client,
     percentile,
@@ -158,7 +161,7 @@ def _client_loop(
     counter: itertools.count[int],
     *,
     base_url: str,
-    token: str | None,
+    token: str | IssuerToken | None,
     timeout: float,
     limit: int | None,
     shared_patients: int,
@@ -195,7 +198,7 @@ def _client_loop(
 def run_ingest(
     *,
     base_url: str,
-    token: str | None,
+    token: str | IssuerToken | None,
     clients: int,
     duration: float | None,
     bundles: int | None,
@@ -207,14 +210,16 @@ def run_ingest(
     """Post unit bundles from `clients` threads for `duration` s or `bundles` bundles."""
     check_api(base_url, token=token)
     run = IngestRun(clients=clients, seed=seed)
-    with make_client(base_url, token=token, timeout=timeout) as client:
-        if setup:
+    if setup:
+        # Reference data (Organizations, Devices, Locations) is an administrator's.
+        with make_client(base_url, token=admin_credentials(token), timeout=timeout) as client:
             started = time.perf_counter()
             references = reference_resources(DEMO_SEED)
             put_resources(client, references)
             print(
                 f"  reference data: {len(references)} PUTs in {time.perf_counter() - started:.1f} s"
             )
+    with make_client(base_url, token=token, timeout=timeout) as client:
         # One bundle first, alone: a refusal here is a setup problem, not a load figure.
         probe = unit_bundle_12(seed, 0, shared_patients=shared_patients)
         ok, _, error = _post(client, base_url.rstrip("/") + "/fhir", probe)
@@ -435,7 +440,7 @@ def run_all(args: argparse.Namespace) -> list[Check]:
     """Run the HTTP ingest, the duplicate check and the raw rate; print and return checks."""
     run = run_ingest(
         base_url=args.base_url,
-        token=args.token,
+        token=credentials(args),
         clients=args.clients,
         duration=None if args.bundles else args.duration,
         bundles=args.bundles,

@@ -34,6 +34,7 @@ from bench.common import (
     Check,
     add_http_arguments,
     check_api,
+    credentials,
     make_client,
     percentile,
     print_checks,
@@ -194,7 +195,7 @@ def _drive(
 def measure_kind(args: argparse.Namespace, kind: str, queries: Sequence[str]) -> KindRun:
     """Send `queries` of one kind from `args.clients` clients for `args.duration` s."""
     http_clients = [
-        make_client(args.base_url, token=args.token, timeout=args.timeout)
+        make_client(args.base_url, token=credentials(args), timeout=args.timeout)
         for _ in range(args.clients)
     ]
 
@@ -348,7 +349,7 @@ def print_runs(runs: Sequence[KindRun], raw: KindRun | None, clients: int) -> No
 
 def run_all(args: argparse.Namespace) -> list[Check]:
     """Sample queries, optionally explain them, measure each kind; print and return checks."""
-    check_api(args.base_url, token=args.token)
+    check_api(args.base_url, token=credentials(args))
     queries = sample_queries(args.database_url, args.samples, args.seed)
     print(", ".join(f"{kind}: {len(found)} queries" for kind, found in queries.items()))
     if args.explain:

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth.audit import service
 from auth.audit.errors import AuditUnavailable
+from auth.audit.writer import AuditWriter
 from auth.tokens import Principal
 from hub.errors import WahaError, operation_outcome
 
@@ -106,8 +107,7 @@ class AuditMiddleware:
 
     def __init__(self, app: ASGIApp, *, bind: Callable[[], sessionmaker[Session]]) -> None:
         self.app = app
-        # A callable, read per request: tests rebind the session factory.
-        self.bind = bind
+        self.writer = AuditWriter(bind)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -151,7 +151,7 @@ class AuditMiddleware:
             entity_refs=tuple(getattr(notes, "resource_refs", ())) or _route_entities(scope),
             patient_ids=tuple(getattr(notes, "patient_ids", ())) or _route_patients(scope),
         )
-        await anyio.to_thread.run_sync(service.record, self.bind(), [record])
+        await self.writer.write(record)
 
 
 def denied_recorder(
