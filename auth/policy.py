@@ -25,10 +25,14 @@ READ_INTERACTIONS = frozenset({"read", "vread", "history", "search", "everything
 WRITE_INTERACTIONS = frozenset({"create", "update", "delete"})
 # The roles that work with clinical records; relays and the ministry never do
 # (relays get appointment views, the ministry aggregates, in their own APIs).
+# `change-shared`: update or delete reference data every role relies on
+# (Organizations, Devices — a unit's revocation is its Device's status —,
+# Locations of tour stops); units and specialists may add, not change, them.
+CHANGE_SHARED = "change-shared"
 ROLE_INTERACTIONS: dict[str, frozenset[str]] = {
-    "admin": READ_INTERACTIONS | WRITE_INTERACTIONS,
+    "admin": READ_INTERACTIONS | WRITE_INTERACTIONS | {CHANGE_SHARED},
     "unit": READ_INTERACTIONS | WRITE_INTERACTIONS,
-    "coordinator": READ_INTERACTIONS | WRITE_INTERACTIONS,
+    "coordinator": READ_INTERACTIONS | WRITE_INTERACTIONS | {CHANGE_SHARED},
     "specialist": READ_INTERACTIONS | frozenset({"create", "update"}),
 }
 # Rows with no patient compartment (Organization, Location, Device…) are shared
@@ -128,6 +132,8 @@ class Access:
 
     def check(self, interaction: str, resource_type: str | None) -> None:
         """Raise 403 when the caller's role or scopes never allow this interaction."""
+        if interaction == CHANGE_SHARED and interaction not in self.interactions:
+            raise Forbidden(f"only an administrator or coordinator may change a {resource_type}")
         if interaction not in self.interactions:
             raise Forbidden(f"the caller's role may not {interaction} clinical records")
         if resource_type == "AuditEvent" and not self.unrestricted:

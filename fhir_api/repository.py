@@ -559,3 +559,15 @@ def list_hidden(
         tuple_(RESOURCE.c.resource_type, RESOURCE.c.id).in_(list(keys)), ~condition
     )
     return {(str(row[0]), str(row[1])) for row in session.execute(statement)}
+
+
+def list_shared(session: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Return which of these resources exist outside any patient's compartment."""
+    if not keys:
+        return set()
+    statement = select(RESOURCE.c.resource_type, RESOURCE.c.id).where(
+        tuple_(RESOURCE.c.resource_type, RESOURCE.c.id).in_(list(keys)),
+        RESOURCE.c.deleted.is_(False),
+        func.cardinality(RESOURCE.c.patient_ids) == 0,
+    )
+    return {(str(row[0]), str(row[1])) for row in session.execute(statement)}

@@ -597,6 +597,8 @@ class TransactionEngine:
             and item.target_id is not None
         ]
         hidden = repository.list_hidden(self.session, targets, condition)
+        for resource_type, _ in repository.list_shared(self.session, targets):
+            self.context.access.check("change-shared", resource_type)
         for item in writes:
             key = (item.entry.resource_type, item.target_id)
             if key in hidden:

@@ -962,3 +962,34 @@ def test_a_scope_never_widens_the_role(
     specialist = _scoped(tokens, signing_key, "specialist.derm", "system/*.cruds")
     response = api.delete(f"/fhir/Observation/{visit.observation}", headers=specialist)
     assert_outcome(response, 403, "forbidden")
+
+
+@pytest.mark.parametrize("caller", ["unit-01", "specialist.derm"])
+def test_units_and_specialists_may_not_change_shared_reference_data(
+    api: TestClient, auth_headers: Headers, visit: Visit, caller: str
+) -> None:
+    # Were a unit allowed to, it could revoke (or revive) any unit's Device.
+    device = _current(api, auth_headers, "Device/unit-02")
+    changed = {**device, "status": "inactive"}
+    headers = {**auth_headers(caller), "Content-Type": FHIR_JSON}
+    response = api.put("/fhir/Device/unit-02", json=changed, headers=headers)
+    assert_outcome(response, 403, "forbidden")
+    deletion = api.delete("/fhir/Organization/unit-02", headers=auth_headers(caller))
+    assert_outcome(deletion, 403, "forbidden")
+    assert _current(api, auth_headers, "Device/unit-02")["status"] == "active"
+
+
+def test_units_may_add_shared_resources_and_coordinators_change_them(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    location = {"resourceType": "Location", "name": "Stop added by a unit", "status": "active"}
+    unit = {**auth_headers("unit-01"), "Content-Type": FHIR_JSON}
+    created = api.post("/fhir/Location", json=location, headers=unit)
+    assert created.status_code == 201, created.text
+    stored = created.json()
+    renamed = {**stored, "name": "Stop renamed by the coordinator"}
+    coordinator = {**auth_headers("coordinator"), "Content-Type": FHIR_JSON}
+    response = api.put(f"/fhir/Location/{stored['id']}", json=renamed, headers=coordinator)
+    assert response.status_code == 200, response.text
+    again = api.put(f"/fhir/Location/{stored['id']}", json=stored, headers=unit)
+    assert_outcome(again, 403, "forbidden")
