@@ -20,8 +20,54 @@ INTERACTIONS = (
 )
 
 
+# What /fhir/AuditEvent answers (auth.audit.router), not the generic store.
+AUDIT_SEARCH_PARAMETERS = (
+    ("date", "date"),
+    ("patient", "reference"),
+    ("entity", "reference"),
+    ("agent", "reference"),
+    ("action", "token"),
+    ("subtype", "token"),
+    ("outcome", "token"),
+    ("address", "string"),
+)
+
+
+def _security(issuer: str | None) -> JSONObject:
+    """Say how clients authenticate: SMART on FHIR bearer tokens from the OIDC issuer."""
+    security: JSONObject = {
+        "cors": True,
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "Bearer access tokens from the OIDC issuer (see "
+        ".well-known/smart-configuration); role and care-relationship scoping apply.",
+    }
+    if issuer:
+        protocol = issuer.rstrip("/") + "/protocol/openid-connect"
+        security["extension"] = [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    {"url": "token", "valueUri": f"{protocol}/token"},
+                    {"url": "authorize", "valueUri": f"{protocol}/auth"},
+                ],
+            }
+        ]
+    return security
+
+
 @cache
-def capability_statement(base_url: str, software_version: str) -> JSONObject:
+def capability_statement(
+    base_url: str, software_version: str, issuer: str | None = None
+) -> JSONObject:
     """Describe the server's REST interface for /fhir/metadata."""
     resources: list[JSONObject] = []
     revincludes: dict[str, list[str]] = {}
@@ -52,6 +98,15 @@ def capability_statement(base_url: str, software_version: str) -> JSONObject:
             "searchRevInclude": sorted(revincludes.get(resource_type, ())),
             "searchParam": search_params,
         }
+        if resource_type == "AuditEvent":
+            # The audit trail is append-only and Waha writes it: admins read and search.
+            entry = {
+                "type": "AuditEvent",
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "searchParam": [
+                    {"name": name, "type": kind} for name, kind in AUDIT_SEARCH_PARAMETERS
+                ],
+            }
         if resource_type == "Patient":
             entry["operation"] = [
                 {
@@ -72,6 +127,7 @@ def capability_statement(base_url: str, software_version: str) -> JSONObject:
         "rest": [
             {
                 "mode": "server",
+                "security": _security(issuer),
                 "resource": resources,
                 "interaction": [
                     {"code": "transaction"},

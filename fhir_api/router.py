@@ -190,13 +190,16 @@ SinceQuery = Annotated[str | None, Query(alias="_since")]
 @public_router.get("/metadata", response_model=None)
 def metadata(settings: SettingsDep) -> Response:
     """Answer the CapabilityStatement."""
-    return Response(_capability_bytes(settings.fhir_base_url), media_type=FHIR_MEDIA_TYPE)
+    return Response(
+        _capability_bytes(settings.fhir_base_url, settings.oidc_issuer),
+        media_type=FHIR_MEDIA_TYPE,
+    )
 
 
 @functools.cache
-def _capability_bytes(base_url: str) -> bytes:
+def _capability_bytes(base_url: str, issuer: str) -> bytes:
     # ~450 kB of JSON that never changes while the process runs: serialize once.
-    return orjson.dumps(capability_statement(base_url, "0.1.0"))
+    return orjson.dumps(capability_statement(base_url, "0.1.0", issuer))
 
 
 @router.post("", response_model=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from hub.settings import Settings
 from tests.builders import NATIONAL_ID, observation, patient
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -27,6 +28,16 @@ def test_metadata_is_an_r4_capability_statement(client: TestClient) -> None:
     assert "MedicinalProduct" not in types
     patient_params = next(r for r in body["rest"][0]["resource"] if r["type"] == "Patient")
     assert "identifier" in {p["name"] for p in patient_params["searchParam"]}
+
+
+def test_metadata_says_how_to_authenticate(client: TestClient, settings: Settings) -> None:
+    rest = client.get("/fhir/metadata", headers={"Authorization": ""}).json()["rest"][0]
+    security = rest["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    uris = {e["url"]: e["valueUri"] for e in security["extension"][0]["extension"]}
+    assert uris["token"] == f"{settings.oidc_issuer}/protocol/openid-connect/token"
+    audit = next(r for r in rest["resource"] if r["type"] == "AuditEvent")
+    assert [i["code"] for i in audit["interaction"]] == ["read", "search-type"]
 
 
 def test_create_sets_server_fields_and_headers(client: TestClient) -> None:
