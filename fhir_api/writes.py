@@ -61,6 +61,8 @@ def unregister_preparer(resource_type: str, preparer: ResourcePreparer) -> None:
     """Stop running `preparer` (tests)."""
     if preparer in _preparers.get(resource_type, []):
         _preparers[resource_type].remove(preparer)
+
+
 # Organizations name their region with this identifier (the region's own
 # Organization does; a unit's Organization is `partOf` it).
 SID_REGION = "https://waha.health/fhir/sid/region"

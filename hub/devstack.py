@@ -92,7 +92,7 @@ def token_help(issuer_url: str, token_commands: Sequence[tuple[str, str]], api_p
         lines += [f"    {label}", f"      {command}"]
     lines.append(
         f'  Use one       curl -H "Authorization: Bearer $TOKEN" '
-        f"http://127.0.0.1:{api_port}/fhir/metadata"
+        f"http://127.0.0.1:{api_port}/fhir/Patient?_count=5"
     )
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
+from pydantic import Field, PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PLACEHOLDER = "waha-dev"  # noqa: S105 - the documented dev default, refused in production
@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     # next PATCH before the sweep removes it (each PATCH extends it).
     max_tus_upload_bytes: int = 2 * 1024**3
     tus_upload_expiry_hours: float = 24.0
+    # Retention (issue "Deletion"): a deleted Binary's object is purged this
+    # long after the deletion; an uploaded Binary that nothing links and that
+    # names no patient or encounter is swept as an orphan after this age.
+    binary_retention_days: float = Field(default=30.0, ge=0)
+    orphan_binary_hours: float = Field(default=72.0, gt=0)
+    # Downloads by redirect to a presigned URL (MinIO); the SDK's default
+    # validity is 7 days, DESIGN.md allows at most 300 s.
+    binary_download_redirect: bool = False
+    binary_redirect_seconds: int = Field(default=300, gt=0, le=300)
+    # The S3 endpoint clients can reach (host:port), when it differs from the
+    # one the API uses: a presigned URL is signed for the host it names.
+    s3_public_endpoint: str | None = None
+    s3_public_secure: bool | None = None
 
     # Ingest limits (DESIGN.md "Ingest rules"); beyond them the API answers 413.
     max_json_body_bytes: int = 32 * 1024 * 1024

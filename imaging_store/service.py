@@ -356,29 +356,54 @@ def check_binary_access(
     """Raise 404 unless the caller may see this Binary (DESIGN.md "Access rules").
 
     A Binary belongs to the uploading client; once it names a patient or an
-    encounter (X-Security-Context, Binary.securityContext), it follows that
-    record: whoever may read the Patient or Encounter may read the Binary.
+    encounter (X-Security-Context, Binary.securityContext), or a Media or
+    DocumentReference about a patient cites it, it follows that record:
+    whoever may read the Patient or Encounter may read the Binary.
     """
     access.check("read", "Binary")
     if access.unrestricted or row.owner_client_id == client_id:
         return
-    target = row.security_context or ""
-    resource_type, _, resource_id = target.partition("/")
-    if resource_type in ("Patient", "Encounter") and resource_id:
-        try:
-            fhir_service.run_interaction(
+    targets = [row.security_context or ""]
+    targets += [
+        f"Patient/{patient_id}"
+        for patient_id in repository.list_linked_patient_ids(session, row.id)
+    ]
+    for target in targets:
+        resource_type, _, resource_id = target.partition("/")
+        if resource_type in ("Patient", "Encounter") and resource_id:
+            if _may_read(
                 session,
-                EntryRequest(method="GET", resource_type=resource_type, resource_id=resource_id),
-                context=RequestContext(
-                    client_id=client_id, author=client_id, request_id="-", access=access
-                ),
-                settings=WriteSettings(base_url=base_url),
-            )
-        except WahaError:
-            pass
-        else:
-            return
+                resource_type,
+                resource_id,
+                access=access,
+                client_id=client_id,
+                base_url=base_url,
+            ):
+                return
     raise BinaryNotFound(f"Binary/{row.id} is not known")
+
+
+def _may_read(
+    session: Session,
+    resource_type: str,
+    resource_id: str,
+    *,
+    access: AccessControl,
+    client_id: str,
+    base_url: str,
+) -> bool:
+    try:
+        fhir_service.run_interaction(
+            session,
+            EntryRequest(method="GET", resource_type=resource_type, resource_id=resource_id),
+            context=RequestContext(
+                client_id=client_id, author=client_id, request_id="-", access=access
+            ),
+            settings=WriteSettings(base_url=base_url),
+        )
+    except WahaError:
+        return False
+    return True
 
 
 def _open_object(storage: BinaryStorage, row: BinaryObjectRow) -> Iterator[bytes]:
