@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.demo_images import load_demo_images
 from bench.loader import (
     LoadCounts,
     Writer,
@@ -26,8 +27,12 @@ def load_demo_data(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, in
     if reference_counts.failures or visits.failures:
         errors = {**reference_counts.errors, **visits.errors}
         raise RuntimeError(f"demo data refused: {errors}")
+    # The dev S3 server keeps nothing across restarts: put the images back every time.
+    images = load_demo_images(settings, seed=seed)
     return {
         "reference_resources": len(references),
         "visit_bundles": visits.bundles,
         "resources_created": reference_counts.created + visits.created,
+        "demo_images_uploaded": images["uploaded"],
+        "demo_images_restored": images["restored"],
     }

@@ -582,7 +582,12 @@ class TransactionEngine:
             entry = item.entry
             if entry.method == "DELETE" or entry.resource is None or entry.resource_type is None:
                 continue
-            for preparer in _preparers.get(entry.resource_type, ()):
+            if entry.resource_type not in _preparers:
+                continue
+            # The final id, so that a preparer can record links to the resource
+            # (_apply_writes sets the same id again).
+            entry.resource["id"] = item.target_id
+            for preparer in _preparers[entry.resource_type]:
                 resource = entry.resource
                 self._guard(item, lambda p=preparer, r=resource: p(self.session, r, self.context))
 

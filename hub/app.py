@@ -18,10 +18,12 @@ from auth.tokens import TokenValidator
 from fhir_api import service as fhir_service
 from fhir_api.router import public_router as fhir_public_router
 from fhir_api.router import router as fhir_router
+from fhir_api.writes import register_preparer
 from hub import db, outbox
 from hub.errors import install_error_handlers
 from hub.logging import configure_logging
 from hub.settings import Settings, get_settings
+from imaging_store import media
 from imaging_store import service as imaging_service
 from imaging_store.derivatives.router import router as derivatives_router
 from imaging_store.router import router as imaging_router
@@ -126,6 +128,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(uploads_router)
     app.include_router(derivatives_router)
     app.include_router(fhir_router)
+    # Media and DocumentReference citing a stored Binary are checked and filled from it.
+    linker = media.linker_for(
+        settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
+    for resource_type in media.LINKED_TYPES:
+        register_preparer(resource_type, linker)
     # The bucket is made now if the store answers; if not, on first use.
     imaging_service.prepare_storage(settings)
     return app

@@ -69,8 +69,22 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 3600,
                 "options": {"expires": 3600},
             },
+            "purge-deleted-binaries": {
+                "task": "imaging_store.purge_deleted_binaries",
+                "schedule": 3600,
+                "options": {"expires": 3600},
+            },
+            "sweep-orphan-binaries": {
+                "task": "imaging_store.sweep_orphan_binaries",
+                "schedule": 3600,
+                "options": {"expires": 3600},
+            },
         },
-        imports=("hub.celery_app", "imaging_store.uploads.tasks"),
+        imports=(
+            "hub.celery_app",
+            "imaging_store.uploads.tasks",
+            "imaging_store.retention_tasks",
+        ),
     )
     return app
 

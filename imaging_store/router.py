@@ -18,7 +18,7 @@ from fhir_api.context import UNRESTRICTED_ACCESS
 from hub.db import SessionDep
 from hub.errors import FHIR_MEDIA_TYPE, BadRequest
 from hub.settings import Settings, get_settings
-from imaging_store import service
+from imaging_store import media, presign, service
 from imaging_store.errors import BinaryImmutable, BinaryTooLarge, InvalidBinary
 from imaging_store.sniffing import PDF
 from imaging_store.storage import BinaryStorage
@@ -32,13 +32,13 @@ router = APIRouter(prefix="/fhir/Binary")
 
 
 async def upload_caller(request: Request) -> service.Caller:
-    """Describe the caller; the auth layer replaces the anonymous identity."""
-    principal = getattr(request.state, "principal", None)
-    client_id = getattr(principal, "client_id", "anonymous")
+    """Describe the caller from what the auth layer attached to the request."""
+    access = getattr(request.state, "access", None) or UNRESTRICTED_ACCESS
+    client_id = getattr(access, "client_id", "anonymous")
     return service.Caller(
-        access=getattr(request.state, "access", None) or UNRESTRICTED_ACCESS,
+        access=access,
         client_id=client_id,
-        author=getattr(principal, "author", client_id),
+        author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
     )
 
@@ -142,10 +142,20 @@ def upload_binary(
         security_context=security_context,
         resource=upload.resource,
     )
+    # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
+    media_id = media.record_media_for_binary(
+        session,
+        binary_id=stored.id,
+        caller=caller,
+        base_url=settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
     headers = _version_headers(stored.version_id, _http_date(stored))
     headers["Location"] = (
         f"{settings.fhir_base_url}/Binary/{stored.id}/_history/{stored.version_id}"
     )
+    if media_id is not None:
+        headers["Waha-Media"] = f"Media/{media_id}"
     if prefer is not None and "return=minimal" in prefer.replace(" ", "").lower():
         return Response(status_code=201, headers=headers)
     return Response(
@@ -172,6 +182,23 @@ def read_binary(
 ) -> Response:
     """Stream a Binary's bytes, or with Accept: application/fhir+json its resource."""
     as_resource = _wants_resource(accept, request.query_params.get("_format"))
+    if settings.binary_download_redirect and not as_resource:
+        # MinIO serves the bytes itself, from a URL that expires within 5 minutes.
+        redirect = presign.redirect_binary(
+            session,
+            storage=binary_storage,
+            binary_id=binary_id,
+            caller=caller,
+            base_url=settings.fhir_base_url,
+            expires_seconds=settings.binary_redirect_seconds,
+            public_endpoint=settings.s3_public_endpoint,
+            public_secure=settings.s3_public_secure,
+        )
+        headers = _version_headers(
+            redirect.version_id, redirect.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT")
+        )
+        headers.update({"Location": redirect.url, "Cache-Control": "no-store"})
+        return Response(status_code=307, headers=headers)
     opener = service.open_binary_resource if as_resource else service.open_binary
     download = opener(
         session,

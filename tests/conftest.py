@@ -45,6 +45,7 @@ DATA_TABLES = (
     "audit_event",
     "tus_upload",
     "binary_derivative",
+    "binary_link",
 )
 
 

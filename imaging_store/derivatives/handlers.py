@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 
 from sqlalchemy.orm import Session
@@ -9,6 +10,7 @@ from sqlalchemy.orm import Session
 from fhir_api.writes import RESOURCE_CHANGED, WriteSettings
 from hub.outbox import Handler, OutboxEvent
 from hub.settings import Settings, get_settings
+from imaging_store import media, retention
 from imaging_store import service as binary_service
 from imaging_store.derivatives import service
 
@@ -28,11 +30,31 @@ def resource_changed_handler(settings: Settings) -> Handler:
         # One event per written resource: {type, id, version, action}. Binary
         # content never changes (updates are refused), so only creation counts.
         payload = event.payload
+        if payload.get("type") in media.LINKED_TYPES and payload.get("action") == "delete":
+            # The Binaries only it cited become unreachable; retention purges them.
+            retention.on_media_deleted(
+                session,
+                resource_type=str(payload["type"]),
+                resource_id=str(payload["id"]),
+                deleted_version=int(payload["version"]),
+                now=datetime.now(UTC),
+                base_url=write_settings.base_url,
+            )
+            return
+        if payload.get("type") in media.LINKED_TYPES:
+            media.complete_links_of(
+                session, str(payload["type"]), str(payload["id"]), write_settings=write_settings
+            )
+            return
         if payload.get("type") != "Binary" or payload.get("action") != "create":
             return
+        binary_id = str(payload["id"])
         service.make_derivatives(
-            session, storage=storage, binary_id=str(payload["id"]), write_settings=write_settings
+            session, storage=storage, binary_id=binary_id, write_settings=write_settings
         )
+        # A Media may cite the Binary before its checks ran: bring it the verdict and study.
+        media.apply_quality_to_linked_media(session, binary_id, write_settings=write_settings)
+        media.create_linked_imaging_study(session, binary_id, write_settings=write_settings)
 
     return handle
 

@@ -47,13 +47,13 @@ StorageDep = Annotated[BinaryStorage, Depends(derivative_storage)]
 
 
 def _request_context(request: Request) -> RequestContext:
-    principal = getattr(request.state, "principal", None)
-    client_id = getattr(principal, "client_id", "anonymous")
+    access = getattr(request.state, "access", None) or UNRESTRICTED_ACCESS
+    client_id = getattr(access, "client_id", "anonymous")
     return RequestContext(
         client_id=client_id,
-        author=getattr(principal, "author", client_id),
+        author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
-        access=getattr(request.state, "access", None) or UNRESTRICTED_ACCESS,
+        access=access,
     )
 
 

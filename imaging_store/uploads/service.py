@@ -43,6 +43,7 @@ from fhir_api.errors import ResourceGone, ResourceNotFound
 from fhir_api.writes import EntryRequest, WriteSettings
 from hub.db import session_scope
 from hub.settings import Settings
+from imaging_store import media
 from imaging_store import repository as binary_repository
 from imaging_store.errors import ContentTypeNotAllowed, StorageUnavailable
 from imaging_store.models import BinaryObjectRow
@@ -606,6 +607,16 @@ def _assemble(
             digests=digests,
             caller=caller,
             settings=settings,
+        )
+        # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
+        encounter = parse_upload_metadata(row.upload_metadata).get("encounter")
+        media.record_media_for_binary(
+            session,
+            binary_id=row.binary_id,
+            caller=caller,
+            base_url=settings.base_url,
+            enforce_referential_integrity=settings.enforce_referential_integrity,
+            encounter_id=encounter.removeprefix("Encounter/") if encounter else None,
         )
         row.state = COMPLETED
         row.tail_key = None

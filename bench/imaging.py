@@ -1,0 +1,406 @@
+"""Measure image uploads against the live API: throughput, memory and thumbnail latency.
+
+1. Upload throughput of 1 MB and 10 MB images with N clients (default 4),
+   through `POST /fhir/Binary` and through tus (`/imaging/uploads`, tuspy),
+   next to a raw S3 PUT of the same sizes to the same S3 server in the same
+   run: the API should reach ≥ 80 % of the raw rate.
+2. API memory during one 200 MB tus upload: the resident set (VmRSS) of every
+   API process is sampled; it should stay flat (growth < 64 MB).
+3. Thumbnail latency: a real photo is uploaded and its thumbnail polled until
+   the worker has made it.
+
+    python -m bench.imaging --s3-endpoint 127.0.0.1:9000 [--api-pid PID ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from minio import Minio
+from tusclient import client as tus_client
+
+from bench.common import (
+    BenchError,
+    Check,
+    IssuerToken,
+    add_http_arguments,
+    check_api,
+    credentials,
+    percentile,
+    print_checks,
+)
+from bench.demo_images import dermatoscope_image
+
+MB = 1024 * 1024
+TARGET_RAW_FRACTION = 0.80
+TARGET_RSS_GROWTH_BYTES = 64 * MB
+TARGET_THUMBNAIL_SECONDS = 5.0
+# Past this a thumbnail counts as never made (no worker, or a worker on another store).
+THUMBNAIL_WAIT_SECONDS = 30.0
+# tus PATCH size: one S3 part per request above the 5 MiB part minimum.
+TUS_CHUNK_BYTES = 8 * MB
+JPEG_START = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+
+
+@dataclass
+class Throughput:
+    """What one upload path did for one size."""
+
+    path: str
+    size: int
+    uploads: int = 0
+    failures: int = 0
+    elapsed: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def megabytes_per_second(self) -> float:
+        """Return uploaded MB per wall-clock second."""
+        return self.uploads * self.size / MB / self.elapsed if self.elapsed else 0.0
+
+
+def image_payload(size: int, seed: int) -> bytes:
+    """Return `size` bytes that sniff as JPEG (a JFIF header, random body, end marker)."""
+    body = os.urandom(size - len(JPEG_START) - 2) if seed < 0 else _seeded(size, seed)
+    return JPEG_START + body[: size - len(JPEG_START) - 2] + b"\xff\xd9"
+
+
+def _seeded(size: int, seed: int) -> bytes:
+    import random  # noqa: PLC0415 - only for the deterministic body
+
+    return random.Random(seed).randbytes(size)
+
+
+def _bearer(auth: str | IssuerToken | None) -> dict[str, str]:
+    if auth is None:
+        return {}
+    token = auth.token() if isinstance(auth, IssuerToken) else auth
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _run_clients(
+    clients: int, uploads_per_client: int, upload: Callable[[int], None]
+) -> tuple[float, int, list[str]]:
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker(number: int) -> None:
+        for index in range(uploads_per_client):
+            try:
+                upload(number * uploads_per_client + index)
+            except Exception as error:  # noqa: BLE001 - every failure is counted and shown
+                with lock:
+                    failures.append(f"{type(error).__name__}: {str(error)[:120]}")
+
+    threads = [threading.Thread(target=worker, args=(number,)) for number in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, len(failures), failures
+
+
+def measure_post(
+    base_url: str,
+    auth: str | IssuerToken | None,
+    payload: bytes,
+    *,
+    clients: int,
+    count: int,
+    timeout: float,
+) -> Throughput:
+    """Upload `payload` count times per client through POST /fhir/Binary."""
+    headers = {**_bearer(auth), "Content-Type": "image/jpeg", "Prefer": "return=minimal"}
+    local = threading.local()
+
+    def upload(_: int) -> None:
+        http = getattr(local, "client", None)
+        if http is None:
+            http = local.client = httpx.Client(base_url=base_url, timeout=timeout)
+        response = http.post("/fhir/Binary", content=payload, headers=headers)
+        if response.status_code != 201:
+            raise BenchError(f"POST /fhir/Binary answered {response.status_code}")
+
+    elapsed, failures, errors = _run_clients(clients, count, upload)
+    return Throughput(
+        "POST /fhir/Binary", len(payload), clients * count - failures, failures, elapsed, errors
+    )
+
+
+def tus_upload(
+    base_url: str, headers: dict[str, str], stream: io.IOBase | io.BufferedReader, size: int
+) -> str:
+    """Upload one stream through tus with tuspy; return the upload URL."""
+    client = tus_client.TusClient(f"{base_url}/imaging/uploads", headers=headers)
+    uploader = client.uploader(
+        file_stream=stream,
+        chunk_size=TUS_CHUNK_BYTES,
+        metadata={"filename": f"bench-{uuid.uuid4()}.jpg", "filetype": "image/jpeg"},
+        upload_checksum=False,
+    )
+    uploader.upload()
+    if uploader.offset != size:
+        raise BenchError(f"tus stopped at {uploader.offset} of {size} bytes")
+    return str(uploader.url)
+
+
+def measure_tus(
+    base_url: str, auth: str | IssuerToken | None, payload: bytes, *, clients: int, count: int
+) -> Throughput:
+    """Upload `payload` count times per client through tus."""
+    headers = _bearer(auth)
+
+    def upload(_: int) -> None:
+        tus_upload(base_url, headers, io.BytesIO(payload), len(payload))
+
+    elapsed, failures, errors = _run_clients(clients, count, upload)
+    return Throughput(
+        "tus /imaging/uploads", len(payload), clients * count - failures, failures, elapsed, errors
+    )
+
+
+def measure_raw_s3(
+    s3: Minio, bucket: str, payload: bytes, *, clients: int, count: int
+) -> Throughput:
+    """PUT `payload` count times per client straight to the S3 server."""
+
+    def upload(number: int) -> None:
+        s3.put_object(
+            bucket,
+            f"bench/{number}-{uuid.uuid4()}",
+            io.BytesIO(payload),
+            len(payload),
+            content_type="image/jpeg",
+        )
+
+    elapsed, failures, errors = _run_clients(clients, count, upload)
+    return Throughput(
+        "raw S3 PUT", len(payload), clients * count - failures, failures, elapsed, errors
+    )
+
+
+def api_pids(given: Sequence[int]) -> list[int]:
+    """Return the API's processes: the given pids, else every `hub.app:create_app` process found."""
+    if given:
+        return list(given)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\x00", b" ")
+        except OSError:
+            continue
+        if b"hub.app:create_app" in command or (
+            b"multiprocessing" in command and _parent_is_api(entry)
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def _parent_is_api(entry: Path) -> bool:
+    try:
+        status = (entry / "status").read_text()
+        parent = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+        return b"hub.app:create_app" in Path(f"/proc/{parent}/cmdline").read_bytes()
+    except (OSError, StopIteration):
+        return False
+
+
+def rss_bytes(pid: int) -> int:
+    """Return a process's resident set (VmRSS) in bytes, 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def measure_big_tus(
+    base_url: str, auth: str | IssuerToken | None, *, megabytes: int, pids: Sequence[int]
+) -> tuple[float, int, int]:
+    """Upload one large file by tus, sampling API RSS; return (seconds, baseline, growth)."""
+    with tempfile.TemporaryFile() as spool:
+        block = os.urandom(MB)
+        spool.write(JPEG_START)
+        for _ in range(megabytes):
+            spool.write(block)
+        size = spool.tell()
+        spool.seek(0)
+        baseline = {pid: rss_bytes(pid) for pid in pids}
+        peak = dict(baseline)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                for pid in pids:
+                    peak[pid] = max(peak[pid], rss_bytes(pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.perf_counter()
+        try:
+            tus_upload(base_url, _bearer(auth), spool, size)
+        finally:
+            elapsed = time.perf_counter() - started
+            stop.set()
+            sampler.join()
+    growth = max((peak[pid] - baseline[pid] for pid in pids), default=0)
+    return elapsed, sum(baseline.values()), growth
+
+
+def measure_thumbnails(
+    base_url: str, auth: str | IssuerToken | None, *, samples: int, timeout: float
+) -> list[float]:
+    """Upload a real photo `samples` times; return seconds from upload to a ready thumbnail."""
+    photo = dermatoscope_image()
+    latencies = []
+    with httpx.Client(base_url=base_url, timeout=timeout) as http:
+        for _ in range(samples):
+            started = time.perf_counter()
+            created = http.post(
+                "/fhir/Binary",
+                content=photo,
+                headers={**_bearer(auth), "Content-Type": "image/jpeg"},
+            )
+            if created.status_code != 201:
+                raise BenchError(f"POST /fhir/Binary answered {created.status_code}")
+            binary_id = created.json()["id"]
+            deadline = started + THUMBNAIL_WAIT_SECONDS
+            while True:
+                answer = http.get(f"/imaging/binaries/{binary_id}/thumbnail", headers=_bearer(auth))
+                if answer.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                    break
+                if answer.status_code != 202 or time.perf_counter() > deadline:
+                    raise BenchError(
+                        f"thumbnail of Binary/{binary_id} answered {answer.status_code}; "
+                        "is a worker on the same store running?"
+                    )
+                time.sleep(0.05)
+    return latencies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the imaging benchmark and print figures against targets."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_http_arguments(parser)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--uploads-1mb", type=int, default=10, help="1 MB uploads per client and path"
+    )
+    parser.add_argument(
+        "--uploads-10mb", type=int, default=2, help="10 MB uploads per client and path"
+    )
+    parser.add_argument(
+        "--big-mb", type=int, default=200, help="size of the memory-check tus upload"
+    )
+    parser.add_argument("--thumbnails", type=int, default=5)
+    parser.add_argument("--s3-endpoint", default="127.0.0.1:9000")
+    parser.add_argument("--s3-access-key", default="waha")
+    parser.add_argument("--s3-secret-key", default="waha-dev")
+    parser.add_argument("--s3-region", default="us-east-1")
+    parser.add_argument("--raw-bucket", default="waha-bench-raw")
+    parser.add_argument(
+        "--api-pid", type=int, action="append", default=[], help="API process id(s)"
+    )
+    args = parser.parse_args(argv)
+    base_url = args.base_url.rstrip("/")
+    auth = credentials(args)
+    try:
+        check_api(base_url, token=auth)
+        s3 = Minio(
+            args.s3_endpoint,
+            access_key=args.s3_access_key,
+            secret_key=args.s3_secret_key,
+            secure=False,
+            region=args.s3_region,
+        )
+        if not s3.bucket_exists(args.raw_bucket):
+            s3.make_bucket(args.raw_bucket)
+        checks: list[Check] = []
+        for size, count in ((MB, args.uploads_1mb), (10 * MB, args.uploads_10mb)):
+            payload = image_payload(size, seed=size)
+            raw = measure_raw_s3(s3, args.raw_bucket, payload, clients=args.clients, count=count)
+            post = measure_post(
+                base_url, auth, payload, clients=args.clients, count=count, timeout=args.timeout
+            )
+            tus = measure_tus(base_url, auth, payload, clients=args.clients, count=count)
+            label = f"{size // MB} MB"
+            print(
+                f"{label}: raw S3 {raw.megabytes_per_second:.1f} MB/s, "
+                f"POST {post.megabytes_per_second:.1f} MB/s, "
+                f"tus {tus.megabytes_per_second:.1f} MB/s"
+            )
+            for run in (raw, post, tus):
+                for error in run.errors[:3]:
+                    print(f"  {run.path} failure: {error}")
+            for run in (post, tus):
+                fraction = (
+                    run.megabytes_per_second / raw.megabytes_per_second
+                    if raw.megabytes_per_second
+                    else 0.0
+                )
+                checks.append(
+                    Check(
+                        f"{run.path} {label} × {args.clients} vs raw S3",
+                        f"{run.megabytes_per_second:.1f} MB/s = {fraction:.0%}",
+                        f"≥ {TARGET_RAW_FRACTION:.0%} of raw "
+                        f"({raw.megabytes_per_second:.1f} MB/s), 0 failed",
+                        fraction >= TARGET_RAW_FRACTION and run.failures == 0,
+                    )
+                )
+        pids = api_pids(args.api_pid)
+        if pids:
+            elapsed, baseline, growth = measure_big_tus(
+                base_url, auth, megabytes=args.big_mb, pids=pids
+            )
+            checks.append(
+                Check(
+                    f"API RSS growth during a {args.big_mb} MB tus upload",
+                    f"{growth / MB:.1f} MB (of {baseline / MB:.0f} MB, "
+                    f"{args.big_mb / elapsed:.0f} MB/s)",
+                    f"< {TARGET_RSS_GROWTH_BYTES // MB} MB",
+                    growth < TARGET_RSS_GROWTH_BYTES,
+                )
+            )
+        else:
+            print("no API process found on this machine: pass --api-pid to measure memory")
+        try:
+            latencies = measure_thumbnails(
+                base_url, auth, samples=args.thumbnails, timeout=args.timeout
+            )
+        except BenchError as error:
+            print(f"thumbnails: {error}")
+            latencies = []
+        checks.append(
+            Check(
+                "thumbnail ready after upload (p50 / max)",
+                f"{percentile(latencies, 0.5):.2f} / {max(latencies, default=float('nan')):.2f} s",
+                f"max ≤ {TARGET_THUMBNAIL_SECONDS:.0f} s",
+                bool(latencies) and max(latencies) <= TARGET_THUMBNAIL_SECONDS,
+            )
+        )
+    except BenchError as error:
+        print(f"bench.imaging: {error}")
+        return 2
+    print_checks("Imaging uploads", checks)
+    return 0 if all(check.passed for check in checks) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

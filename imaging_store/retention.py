@@ -1,0 +1,173 @@
+"""Retention of Binary objects: purge deleted ones, sweep orphans, follow Media deletions.
+
+A deleted Binary keeps its FHIR history (the record store's versions are
+never touched here); its bytes and derived JPEGs stay in object storage for
+the retention period, then go, together with the metadata rows that pointed
+at them. An orphan is a live Binary that no resource links and that names no
+patient or encounter (X-Security-Context or Binary.securityContext), older
+than the orphan age: it gets a FHIR delete by the system, so its history
+says so, and its objects go at once.
+
+Database changes are flushed before objects are removed, and the caller's
+transaction commits after: if the store is down, StorageUnavailable rolls
+back every row change of the batch and the task retries. Objects already
+removed for earlier rows of that batch are removed again (a no-op) by the
+retry, so no row outlives its object for longer than the retry delay.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy.orm import Session
+
+from fhir_api import service as fhir_service
+from fhir_api.context import SYSTEM_CONTEXT
+from fhir_api.writes import EntryRequest, WriteSettings
+from hub.errors import WahaError
+from imaging_store import media, repository
+from imaging_store.derivatives.service import DERIVATIVE_PREFIX
+from imaging_store.models import BinaryObjectRow
+from imaging_store.storage import BinaryStorage
+
+log = structlog.get_logger()
+
+# How many rows one task run handles; a backlog is drained by the next runs.
+DEFAULT_BATCH = 500
+
+
+def _remove_objects(storage: BinaryStorage, row: BinaryObjectRow) -> None:
+    storage.remove(row.object_key)
+    storage.remove_prefix(f"{DERIVATIVE_PREFIX}{row.id}/")
+
+
+def _forget_binary(session: Session, row: BinaryObjectRow) -> None:
+    repository.delete_binary_derivative_rows(session, row.id)
+    repository.delete_purged_binary_object(session, row.id)
+
+
+def purge_deleted_binaries(
+    session: Session, *, storage: BinaryStorage, now: datetime, retention: timedelta, limit: int
+) -> int:
+    """Remove the objects and rows of Binaries deleted longer ago than `retention`."""
+    rows = repository.lock_purgeable_binary_objects(
+        session, deleted_before=now - retention, limit=limit
+    )
+    for row in rows:
+        _forget_binary(session, row)
+    # Row changes first: a database error then removes nothing from the store.
+    session.flush()
+    for row in rows:
+        _remove_objects(storage, row)
+    if rows:
+        log.info("imaging_store.binaries_purged", binaries=len(rows))
+    return len(rows)
+
+
+def sweep_orphan_binaries(
+    session: Session,
+    *,
+    storage: BinaryStorage,
+    now: datetime,
+    max_age: timedelta,
+    limit: int,
+    base_url: str,
+) -> int:
+    """Delete Binaries older than `max_age` that nothing links and that name no record."""
+    # A Media citing one of these takes the row's lock first (the linker
+    # locks the Binary's row), so a sweep and a new link cannot both win.
+    rows = repository.lock_unlinked_binary_objects(
+        session, created_before=now - max_age, limit=limit
+    )
+    write_settings = WriteSettings(base_url=base_url)
+    for row in rows:
+        # The system deletes the resource so its history records who did;
+        # an already deleted or missing resource is fine (200/204/404/410).
+        fhir_service.run_interaction(
+            session,
+            EntryRequest(method="DELETE", resource_type="Binary", resource_id=row.id),
+            context=SYSTEM_CONTEXT,
+            settings=write_settings,
+        )
+        _forget_binary(session, row)
+    session.flush()
+    for row in rows:
+        _remove_objects(storage, row)
+    if rows:
+        log.info("imaging_store.orphan_binaries_swept", binaries=len(rows))
+    return len(rows)
+
+
+def on_media_deleted(
+    session: Session,
+    *,
+    resource_type: str,
+    resource_id: str,
+    deleted_version: int,
+    now: datetime,
+    base_url: str,
+) -> list[str]:
+    """Delete the Binaries a just-deleted Media (or DocumentReference) held, unless still linked.
+
+    Returns the ids of the Binaries deleted; their objects go at the retention purge.
+    """
+    if deleted_version < 2:
+        return []
+    write_settings = WriteSettings(base_url=base_url)
+    try:
+        fhir_service.run_interaction(
+            session,
+            EntryRequest(method="GET", resource_type=resource_type, resource_id=resource_id),
+            context=SYSTEM_CONTEXT,
+            settings=write_settings,
+        )
+    except WahaError as error:
+        if error.status != 410:
+            raise
+    else:
+        # Written again since the event (outbox handlers run later): its
+        # current links are live, and the new version decides.
+        log.info("imaging_store.media_deletion_superseded", resource_id=resource_id)
+        return []
+    # The deletion's own version is a tombstone; the one before says what
+    # the resource pointed at.
+    previous = fhir_service.run_interaction(
+        session,
+        EntryRequest(
+            method="GET",
+            resource_type=resource_type,
+            resource_id=resource_id,
+            version_id=str(deleted_version - 1),
+        ),
+        context=SYSTEM_CONTEXT,
+        settings=write_settings,
+    )
+    # A deleted resource links nothing: without this, its stale links would
+    # keep every Binary it cited alive forever (and out of the orphan sweep).
+    repository.delete_binary_links_of(session, resource_type, resource_id)
+    deleted: list[str] = []
+    cited = media.cited_binaries(previous.resource or {}, base_url=base_url)
+    for binary_id in dict.fromkeys(item.binary_id for item in cited):
+        row = repository.lock_binary_object(session, binary_id)
+        if row is None or row.deleted_at is not None:
+            continue
+        if repository.count_binary_links(session, binary_id) > 0:
+            log.info("imaging_store.binary_kept", binary_id=binary_id, reason="linked")
+            continue
+        fhir_service.run_interaction(
+            session,
+            EntryRequest(method="DELETE", resource_type="Binary", resource_id=binary_id),
+            context=SYSTEM_CONTEXT,
+            settings=write_settings,
+        )
+        repository.delete_binary_object(session, binary_id, at=now)
+        deleted.append(binary_id)
+    if deleted:
+        log.info(
+            "imaging_store.media_binaries_deleted",
+            resource_type=resource_type,
+            resource_id=resource_id,
+            binaries=len(deleted),
+        )
+    return deleted
