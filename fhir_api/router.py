@@ -17,7 +17,7 @@ from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, Req
 from fhir_api.errors import UnparsableBody
 from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
-from hub.db import session_scope
+from hub.db import read_scope, session_scope
 from hub.errors import FHIR_MEDIA_TYPE, PayloadTooLarge, UnsupportedMediaType
 from hub.settings import Settings, get_settings
 
@@ -167,7 +167,7 @@ def _history(
     since: str | None,
 ) -> Response:
     context.access.check("history", resource_type)
-    with session_scope() as session:
+    with read_scope() as session:
         bundle = reads.history_bundle(
             session,
             base_url=settings.fhir_base_url,
@@ -256,7 +256,7 @@ def system_search(
 ) -> Response:
     """Search several types at once (`_type=Patient,Observation`)."""
     context.access.check("search", None)
-    with session_scope() as session:
+    with read_scope() as session:
         bundle = search.system_search(
             session,
             pairs=request.query_params.multi_items(),
@@ -275,7 +275,7 @@ def _search(
     prefer: str | None,
 ) -> Response:
     context.access.check("search", resource_type)
-    with session_scope() as session:
+    with read_scope() as session:
         bundle = search.search(
             session,
             resource_type=resource_type,
@@ -424,7 +424,7 @@ def read(
 ) -> Response:
     """Read the current version of a resource."""
     context.access.check("read", resource_type)
-    with session_scope() as session:
+    with read_scope() as session:
         result = reads.read_resource(
             session,
             resource_type=resource_type,
@@ -509,7 +509,7 @@ def vread(
 ) -> Response:
     """Read one version of a resource."""
     context.access.check("vread", resource_type)
-    with session_scope() as session:
+    with read_scope() as session:
         result = reads.vread_resource(
             session,
             resource_type=resource_type,
@@ -534,7 +534,7 @@ def patient_everything(
 ) -> Response:
     """Answer Patient/$everything: the patient's compartment and what it references."""
     context.access.check("everything", "Patient")
-    with session_scope() as session:
+    with read_scope() as session:
         bundle = reads.everything_bundle(
             session,
             base_url=settings.fhir_base_url,

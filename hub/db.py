@@ -72,6 +72,17 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 @contextmanager
+def read_scope() -> Iterator[Session]:
+    """Run one read-only unit of work in autocommit: no BEGIN and COMMIT round trips."""
+    with session_factory() as session:
+        # Tests bind sessions to a connection inside their own transaction;
+        # only a pooled connection may switch to autocommit.
+        if isinstance(session_factory.kw.get("bind"), Engine):
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
+
+
+@contextmanager
 def session_scope() -> Iterator[Session]:
     """Run one unit of work outside a request; commit on success."""
     with session_factory() as session, session.begin():
