@@ -27,6 +27,7 @@ from bench.common import (
     IssuerToken,
     JSONObject,
     add_http_arguments,
+    admin_credentials,
     check_api,
     credentials,
     describe_failure,
@@ -98,9 +99,11 @@ def prepare_patient(
     if national_id is None:
         raise BenchError("the history patient has no national ID")
     started = time.perf_counter()
+    if setup:
+        # Reference data (Organizations, Devices, Locations) is an administrator's.
+        with make_client(base_url, token=admin_credentials(token), timeout=timeout) as admin:
+            put_resources(admin, reference_resources(DEMO_SEED))
     with make_client(base_url, token=token, timeout=timeout) as client:
-        if setup:
-            put_resources(client, reference_resources(DEMO_SEED))
         url = base_url.rstrip("/") + "/fhir"
         for bundle in bundles:
             _post_bundle(client, url, bundle)
