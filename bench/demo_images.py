@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
+from sqlalchemy.orm import Session
 
 from bench.loader import bundle_unit
 from bench.population import DEMO_SEED, demo_dataset
@@ -28,7 +29,7 @@ from fhir_api.context import SYSTEM_CONTEXT, UNRESTRICTED_ACCESS
 from fhir_api.writes import EntryRequest, WriteSettings
 from hub.db import session_scope
 from hub.settings import Settings
-from imaging_store import repository
+from imaging_store import media, repository
 from imaging_store.derivatives import service as derivatives_service
 from imaging_store.service import BinaryContent, Caller, binary_storage, record_upload
 
@@ -256,7 +257,19 @@ def _demo_patient_id(settings: Settings, seed: int) -> str:
     entries = (found.search_bundle or {}).get("entry") or []
     if not entries:
         raise RuntimeError("the demo patient is not stored: load the demo data first")
-    return str(entries[0]["resource"]["id"])
+    # Search entries embed stored JSON as is (not decoded): the id is in fullUrl.
+    return str(entries[0]["fullUrl"]).rsplit("/", 1)[1]
+
+
+def _media_for(session: Session, binary_id: str, caller: Caller, settings: Settings) -> None:
+    """Record the Media that says what a demo photo is and whose record it belongs to."""
+    media.record_media_for_binary(
+        session,
+        binary_id=binary_id,
+        caller=caller,
+        base_url=settings.fhir_base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+    )
 
 
 def load_demo_images(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, int]:
@@ -275,11 +288,16 @@ def load_demo_images(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, 
         try:
             content.feed(image.content)
             with session_scope() as session:
-                rows = repository.list_binary_objects_by_sha256(
-                    session, owner_client_id=DEMO_UNIT, sha256=content.sha256
-                )
+                # The demo's own uploads: the same bytes sent by a benchmark are not it.
+                rows = [
+                    row
+                    for row in repository.list_binary_objects_by_sha256(
+                        session, owner_client_id=DEMO_UNIT, sha256=content.sha256
+                    )
+                    if row.security_context == f"Patient/{patient_id}"
+                ]
                 if not rows:
-                    record_upload(
+                    stored = record_upload(
                         session,
                         storage=storage,
                         content=content,
@@ -288,9 +306,12 @@ def load_demo_images(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, 
                         enforce_referential_integrity=settings.enforce_referential_integrity,
                         security_context=f"Patient/{patient_id}",
                     )
+                    _media_for(session, stored.id, caller, settings)
                     counts["uploaded"] += 1
                     continue
                 for row in rows:
+                    if not repository.list_binary_links(session, row.id):
+                        _media_for(session, row.id, caller, settings)
                     if storage.exists(row.object_key):
                         counts["present"] += 1
                         continue

@@ -578,7 +578,8 @@ class TransactionEngine:
         return results
 
     def _prepare(self, writes: Sequence[_Planned]) -> None:
-        for item in writes:
+        # A Binary's bytes are stored before any Media or DocumentReference citing it is checked.
+        for item in sorted(writes, key=lambda planned: planned.entry.resource_type != "Binary"):
             entry = item.entry
             if entry.method == "DELETE" or entry.resource is None or entry.resource_type is None:
                 continue

@@ -23,7 +23,7 @@ from hub import db, outbox
 from hub.errors import install_error_handlers
 from hub.logging import configure_logging
 from hub.settings import Settings, get_settings
-from imaging_store import media
+from imaging_store import bundled, media
 from imaging_store import service as imaging_service
 from imaging_store.derivatives.router import router as derivatives_router
 from imaging_store.router import router as imaging_router
@@ -135,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for resource_type in media.LINKED_TYPES:
         register_preparer(resource_type, linker)
+    # A Binary with base64 data in a Bundle: bytes to object storage, never to PostgreSQL.
+    register_preparer("Binary", bundled.store_for(settings))
     # The bucket is made now if the store answers; if not, on first use.
     imaging_service.prepare_storage(settings)
     return app
