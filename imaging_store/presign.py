@@ -15,12 +15,7 @@ from datetime import datetime, timedelta
 from minio import Minio
 from sqlalchemy.orm import Session
 
-from fhir_api import service as fhir_service
-from fhir_api.context import RequestContext
-from fhir_api.writes import EntryRequest, WriteSettings
-from imaging_store import repository
-from imaging_store.errors import BinaryNotFound
-from imaging_store.service import Caller, check_binary_access
+from imaging_store.service import Caller, current_binary
 from imaging_store.sniffing import PDF
 from imaging_store.storage import BinaryStorage, StorageConfig
 
@@ -117,24 +112,10 @@ def redirect_binary(
     public_secure: bool | None = None,
 ) -> BinaryRedirect:
     """Check that the caller may read a Binary, then return a presigned URL of its bytes."""
-    # The same checks as a streamed read, in the same order: the resource
-    # decides existence (404/410, audited), then the row, then the access rules.
-    result = fhir_service.run_interaction(
-        session,
-        EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
-        context=RequestContext(
-            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-        ),
-        settings=WriteSettings(base_url=base_url),
+    # The same checks as a streamed read: existence (404/410), then the access rules.
+    _, version_id, last_updated, row = current_binary(
+        session, binary_id=binary_id, caller=caller, base_url=base_url
     )
-    row = repository.get_binary_object(session, binary_id)
-    if row is None or row.deleted_at is not None or result.resource is None:
-        raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
-    check_binary_access(
-        session, row, access=caller.access, client_id=caller.client_id, base_url=base_url
-    )
-    if result.version_id is None or result.last_updated is None:
-        raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
     url = presigned_download_url(
         storage,
         row.object_key,
@@ -144,6 +125,4 @@ def redirect_binary(
         public_endpoint=public_endpoint,
         public_secure=public_secure,
     )
-    return BinaryRedirect(
-        id=row.id, version_id=result.version_id, last_updated=result.last_updated, url=url
-    )
+    return BinaryRedirect(id=row.id, version_id=version_id, last_updated=last_updated, url=url)

@@ -322,9 +322,10 @@ def record_upload(
     )
 
 
-def _current_binary(
+def current_binary(
     session: Session, *, binary_id: str, caller: Caller, base_url: str
 ) -> tuple[JSONObject, int, datetime, BinaryObjectRow]:
+    """Return a readable Binary: resource, version, time and row (404/410, access rules)."""
     # The Binary resource decides existence (404 absent, 410 deleted), so a
     # deletion through any FHIR path hides the bytes too.
     result = fhir_service.run_interaction(
@@ -420,7 +421,7 @@ def open_binary(
     session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
 ) -> BinaryDownload:
     """Open a Binary's bytes for streaming, as stored."""
-    _, version_id, last_updated, row = _current_binary(
+    _, version_id, last_updated, row = current_binary(
         session, binary_id=binary_id, caller=caller, base_url=base_url
     )
     return BinaryDownload(
@@ -437,7 +438,7 @@ def open_binary_resource(
     session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
 ) -> BinaryDownload:
     """Open a Binary as FHIR JSON, its `data` base64-encoded while streaming."""
-    resource, version_id, last_updated, row = _current_binary(
+    resource, version_id, last_updated, row = current_binary(
         session, binary_id=binary_id, caller=caller, base_url=base_url
     )
     chunks = _open_object(storage, row)
