@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from celery import shared_task
 
@@ -16,18 +17,20 @@ PURGE_TASK = "imaging_store.purge_deleted_binaries"
 SWEEP_TASK = "imaging_store.sweep_orphan_binaries"
 
 
+RETRIED_ON_STORAGE_OUTAGE: dict[str, Any] = {
+    "acks_late": True,
+    "ignore_result": True,
+    "autoretry_for": (StorageUnavailable,),
+    "retry_backoff": True,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
 # Idempotent: a purged or swept Binary has no row left to select, and
 # removing an object that is already gone is fine. A store outage rolls the
 # batch back (StorageUnavailable propagates out of session_scope) and retries.
-@shared_task(
-    name=PURGE_TASK,
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=(StorageUnavailable,),
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=8,
-)
+@shared_task(name=PURGE_TASK, **RETRIED_ON_STORAGE_OUTAGE)
 def purge_deleted_binaries() -> int:
     """Remove the objects of Binaries deleted longer ago than the retention period."""
     settings = get_settings()
@@ -41,15 +44,7 @@ def purge_deleted_binaries() -> int:
         )
 
 
-@shared_task(
-    name=SWEEP_TASK,
-    acks_late=True,
-    ignore_result=True,
-    autoretry_for=(StorageUnavailable,),
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=8,
-)
+@shared_task(name=SWEEP_TASK, **RETRIED_ON_STORAGE_OUTAGE)
 def sweep_orphan_binaries() -> int:
     """Delete uploaded Binaries that nothing linked within the orphan age."""
     settings = get_settings()
