@@ -20,7 +20,7 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.errors import MissingToken, UnitRevoked
-from auth.policy import Access, access_for
+from auth.policy import access_for
 from auth.tokens import Principal, TokenValidator
 from hub.errors import Issue, WahaError, operation_outcome
 
@@ -177,8 +177,3 @@ async def _send_error(scope: Scope, send: Send, error: WahaError) -> None:
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
-
-def access_of(state: object) -> Access | None:
-    """Return the Access the middleware attached to a request state, if any."""
-    access = getattr(state, "access", None)
-    return access if isinstance(access, Access) else None

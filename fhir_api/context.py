@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, FromClause
 
@@ -53,7 +53,6 @@ class AuditNotes:
     resource_refs: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
     interaction: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def touched(self, resource_type: str, resource_id: str, patient_ids: Sequence[str]) -> None:
         """Note one resource and its patients (bounded: the audit is not a copy of the data)."""
