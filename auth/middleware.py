@@ -176,4 +176,3 @@ async def _send_error(scope: Scope, send: Send, error: WahaError) -> None:
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-

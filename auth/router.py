@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 
 router = APIRouter()
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 
 
 @router.get("/fhir/.well-known/smart-configuration", response_model=None)

@@ -19,9 +19,9 @@ from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
 from hub.db import read_scope, session_scope
 from hub.errors import FHIR_MEDIA_TYPE, PayloadTooLarge, UnsupportedMediaType
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 ACCEPTED_BODY_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 
 public_router = APIRouter(prefix="/fhir")

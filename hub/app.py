@@ -96,11 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json",
     )
 
-    async def app_settings() -> Settings:
-        # Async: a sync dependency is a thread hand-off on every request.
-        return settings
-
-    app.dependency_overrides[get_settings] = app_settings
+    app.state.settings = settings
     install_error_handlers(app)
 
     # Added innermost first. The request log sees (and times) everything; the

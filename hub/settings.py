@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from fastapi import Request
 from pydantic import Field, PostgresDsn, RedisDsn, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -113,3 +114,13 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Build the process's settings once."""
     return Settings()
+
+
+async def request_settings(request: Request) -> Settings:
+    """Return the settings of the application serving the request (a FastAPI dependency).
+
+    Read from the app's state rather than through a dependency override: with
+    any override present, FastAPI re-inspects every dependency on every request.
+    """
+    settings = getattr(request.app.state, "settings", None)
+    return settings if isinstance(settings, Settings) else get_settings()

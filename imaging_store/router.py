@@ -17,13 +17,13 @@ from fastapi.responses import Response, StreamingResponse
 from fhir_api.context import UNRESTRICTED_ACCESS
 from hub.db import SessionDep
 from hub.errors import FHIR_MEDIA_TYPE, BadRequest
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 from imaging_store import media, presign, service
 from imaging_store.errors import BinaryImmutable, BinaryTooLarge, InvalidBinary
 from imaging_store.sniffing import PDF
 from imaging_store.storage import BinaryStorage
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 FHIR_JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json")
 # Room for the JSON around base64 `data` (which is 4/3 of the bytes).
 JSON_ENVELOPE_BYTES = 64 * 1024

@@ -13,11 +13,11 @@ from auth.audit.errors import AuditTrailReadOnly
 from auth.tokens import Principal
 from hub.db import SessionDep
 from hub.errors import FHIR_MEDIA_TYPE
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 
 router = APIRouter(prefix="/fhir/AuditEvent")
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 PreferHeader = Annotated[str | None, Header(alias="Prefer")]
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fhir_api.context import UNRESTRICTED_ACCESS, RequestContext
 from hub.db import SessionDep
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 from imaging_store import service as binary_service
 from imaging_store.derivatives import service
 from imaging_store.derivatives.models import PENDING, PREVIEW, THUMBNAIL
@@ -24,7 +24,7 @@ from imaging_store.derivatives.schemas import DerivativePending
 from imaging_store.models import BinaryObjectRow
 from imaging_store.storage import BinaryStorage
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 # The worker usually takes a second or two after the upload.
 RETRY_AFTER_SECONDS = 2
 # Derived bytes never change; private because they show a patient.

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from hub.db import SessionDep
 from hub.errors import WahaError
-from hub.settings import Settings, get_settings
+from hub.settings import Settings, request_settings
 from imaging_store.router import upload_caller
 from imaging_store.service import Caller, binary_storage
 from imaging_store.storage import BinaryStorage
@@ -59,7 +59,7 @@ class TusRoute(APIRoute):
 
 router = APIRouter(prefix=PREFIX, route_class=TusRoute)
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 CallerDep = Annotated[Caller, Depends(upload_caller)]
 
 

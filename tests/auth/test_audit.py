@@ -30,7 +30,7 @@ from auth.tokens import Principal, TokenValidator
 from hub import db, outbox
 from hub.db import Base
 from hub.errors import install_error_handlers
-from hub.settings import Settings, get_settings
+from hub.settings import Settings
 
 ADMIN = Principal(
     subject="0b6f3f5e-admin",
@@ -371,7 +371,7 @@ def audit_app(settings: Settings, db_engine: Engine) -> FastAPI:
     """An app serving the audit router behind real dev-issuer token validation."""
     application = FastAPI()
     install_error_handlers(application)
-    application.dependency_overrides[get_settings] = lambda: settings
+    application.state.settings = settings
     validator = TokenValidator.from_settings(settings)
     application.add_middleware(PrincipalFromBearer, validator=validator)
     application.include_router(audit_router)

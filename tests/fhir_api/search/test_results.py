@@ -352,3 +352,20 @@ def test_revinclude_iterate_and_absolute_references(client: TestClient) -> None:
     assert found(client, f"/fhir/Patient?_has:Observation:patient:_id={observed}") == {subject}
     back = search(client, f"/fhir/Patient?_id={subject}&_revinclude=Observation:subject")
     assert ids(back, "include") == {observed}
+
+
+def test_searches_of_one_shape_each_get_their_own_values(client: TestClient) -> None:
+    # One page query serves every search of a shape: a search must not see another's values.
+    first = create(client, patient("SHAPE-1"))
+    second = create(client, patient("SHAPE-2"))
+    by_identifier = f"/fhir/Patient?identifier={NATIONAL_ID}|"
+    assert found(client, by_identifier + "SHAPE-1") == {first}
+    assert found(client, by_identifier + "SHAPE-2") == {second}
+    assert found(client, by_identifier + "SHAPE-3") == set()
+    assert found(client, by_identifier + "SHAPE-1,SHAPE-2") == {first, second}
+    assert found(client, f"/fhir/Patient?_id={first}") == {first}
+    assert found(client, f"/fhir/Patient?_id={second}") == {second}
+    both = f"/fhir/Patient?identifier={NATIONAL_ID}|SHAPE-1,SHAPE-2"
+    assert found(client, f"{both}&_id:not={first}") == {second}
+    assert found(client, f"{both}&_id:not={second}") == {first}
+    assert len(ids(search(client, f"{both}&_count=1"))) == 1
