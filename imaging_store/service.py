@@ -164,15 +164,15 @@ class MessageDigests:
                 raise ContentDigestMismatch(f"the content does not match its Content-Digest {name}")
 
 
-class BinaryContent:
-    """The bytes of one Binary, spooled, hashed, size-checked and text-checked as they arrive."""
+class ContentDigests:
+    """SHA-256, SHA-1, leading bytes and UTF-8 validity of content read as a stream.
 
-    def __init__(self, *, limit: int) -> None:
-        self.limit = limit
+    Shared by uploads in one request (BinaryContent) and objects assembled
+    across requests and read back from the store (tus completion).
+    """
+
+    def __init__(self) -> None:
         self.size = 0
-        self.file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(
-            max_size=SPOOL_MEMORY_BYTES
-        )
         self._sha256 = hashlib.sha256()
         self._sha1 = hashlib.sha1(usedforsecurity=False)
         self._head = bytearray()
@@ -180,11 +180,8 @@ class BinaryContent:
         self._valid_text = True
 
     def feed(self, chunk: bytes) -> None:
-        """Take one chunk; refuse the whole content as soon as it is over the limit."""
+        """Take the next chunk."""
         self.size += len(chunk)
-        if self.size > self.limit:
-            raise BinaryTooLarge(f"the content is over the {self.limit}-byte limit")
-        self.file.write(chunk)
         self._sha256.update(chunk)
         self._sha1.update(chunk)
         if len(self._head) < HEAD_BYTES:
@@ -222,6 +219,24 @@ class BinaryContent:
     def sha1(self) -> bytes:
         """Return the SHA-1 of the content (R4 Attachment.hash)."""
         return self._sha1.digest()
+
+
+class BinaryContent(ContentDigests):
+    """The bytes of one Binary, spooled, hashed, size-checked and text-checked as they arrive."""
+
+    def __init__(self, *, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(
+            max_size=SPOOL_MEMORY_BYTES
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        """Take one chunk; refuse the whole content as soon as it is over the limit."""
+        if self.size + len(chunk) > self.limit:
+            raise BinaryTooLarge(f"the content is over the {self.limit}-byte limit")
+        self.file.write(chunk)
+        super().feed(chunk)
 
     def close(self) -> None:
         """Free the spool."""

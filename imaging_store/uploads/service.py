@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import hashlib
 import re
 import time
@@ -47,8 +46,8 @@ from imaging_store import media
 from imaging_store import repository as binary_repository
 from imaging_store.errors import ContentTypeNotAllowed, StorageUnavailable
 from imaging_store.models import BinaryObjectRow
-from imaging_store.service import Caller
-from imaging_store.sniffing import HEAD_BYTES, sniff_content_type
+from imaging_store.service import Caller, ContentDigests
+from imaging_store.sniffing import sniff_content_type
 from imaging_store.storage import BinaryStorage, object_key
 from imaging_store.uploads import repository
 from imaging_store.uploads.errors import (
@@ -529,43 +528,6 @@ def _stage_body(
     return _Staged(parts, tail_key, len(buffer), offset)
 
 
-class _ObjectDigests:
-    """SHA-256, SHA-1, leading bytes and UTF-8 validity of an object read as a stream."""
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-        self.sha1 = hashlib.sha1(usedforsecurity=False)
-        self.head = bytearray()
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._valid_text = True
-
-    def feed(self, chunk: bytes) -> None:
-        """Take the next chunk of the object."""
-        self.size += len(chunk)
-        self.sha256.update(chunk)
-        self.sha1.update(chunk)
-        if len(self.head) < HEAD_BYTES:
-            self.head += chunk[: HEAD_BYTES - len(self.head)]
-        if self._valid_text:
-            try:
-                self._decoder.decode(chunk)
-            except UnicodeDecodeError:
-                self._valid_text = False
-            else:
-                self._valid_text = b"\x00" not in chunk
-
-    def valid_text(self) -> bool:
-        """Tell whether the whole object is UTF-8 without NUL."""
-        if not self._valid_text:
-            return False
-        try:
-            self._decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return False
-        return True
-
-
 def _assemble(
     *,
     storage: BinaryStorage,
@@ -585,11 +547,11 @@ def _assemble(
     ) and not storage.exists(key):
         log.error("imaging_store.upload_parts_missing", upload_id=upload_id)
         raise StorageUnavailable("the upload's parts are missing from object storage")
-    digests = _ObjectDigests()
+    digests = ContentDigests()
     for chunk in storage.open(key):
         digests.feed(chunk)
     try:
-        content_type = sniff_content_type(bytes(digests.head), valid_text=digests.valid_text())
+        content_type = sniff_content_type(digests.head, valid_text=digests.valid_text)
     except ContentTypeNotAllowed:
         # Refused content is purged at once, not left for the sweep.
         storage.remove(key)
@@ -643,7 +605,7 @@ def _record_binary(
     *,
     row: TusUploadRow,
     content_type: str,
-    digests: _ObjectDigests,
+    digests: ContentDigests,
     caller: Caller,
     settings: UploadSettings,
 ) -> None:
@@ -661,8 +623,8 @@ def _record_binary(
             id=row.binary_id,
             content_type=content_type,
             size=digests.size,
-            sha256=digests.sha256.digest(),
-            sha1=digests.sha1.digest(),
+            sha256=digests.sha256,
+            sha1=digests.sha1,
             object_key=object_key(row.binary_id),
             owner_client_id=row.owner_client_id,
             security_context=row.security_context,
