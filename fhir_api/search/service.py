@@ -19,7 +19,7 @@ from fhir_api.search import repository
 from fhir_api.search.errors import InvalidSearch, UnknownSearchParameter
 from fhir_api.search.parser import Include, SearchQuery, SortKey, parse_search
 from fhir_api.search.repository import UNRESTRICTED, SearchScope
-from fhir_api.search_index import search_parameters_for
+from fhir_api.search_index import resource_types, search_parameters_for
 from fhir_api.validation import JSONObject, check_resource_type
 
 SUBSETTED = {
@@ -289,30 +289,35 @@ def _forward_keys(
     return list(dict.fromkeys(keys))
 
 
+@functools.cache
+def _referencing_params(source_type: str, param: str | None, target_type: str) -> tuple[str, ...]:
+    """Return the reference params of `source_type` (`*`: every type) that may point at a type."""
+    if param is not None:
+        return (param,)
+    sources = sorted(resource_types()) if source_type == "*" else [source_type]
+    codes = {
+        code
+        for source in sources
+        for code, info in search_parameters_for(source).items()
+        if info.type == "reference" and (not info.targets or target_type in info.targets)
+    }
+    return tuple(sorted(codes))
+
+
 def _reverse_rows(
     session: Session, rows: Sequence[_Row], include: Include, scope: SearchScope, base_url: str
 ) -> list[_Row]:
-    if include.source_type == "*":
-        raise InvalidSearch("_revinclude=* is not supported; name the source type")
-    if include.param is not None:
-        params = [include.param]
-    else:
-        params = [
-            code
-            for code, info in search_parameters_for(include.source_type).items()
-            if info.type == "reference"
-        ]
     ref_keys = [
         f"{param}={prefix}{row.resource_type}/{row.id}"
         for row in rows
         if include.target_type in (None, row.resource_type)
-        for param in params
+        for param in _referencing_params(include.source_type, include.param, row.resource_type)
         # Ingest keeps references written as this server's absolute URL as given.
         for prefix in ("", f"{base_url}/")
     ]
     found = repository.list_referencing(
         session,
-        source_type=include.source_type,
+        source_type=None if include.source_type == "*" else include.source_type,
         ref_keys=ref_keys,
         scope=scope,
         limit=MAX_INCLUDED,

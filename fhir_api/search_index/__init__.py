@@ -81,6 +81,7 @@ from fhir_api.search_index.definitions import (
     SearchParameterInfo,
     fhir_version,
     patient_compartment_params,
+    resource_types,
     search_parameters_for,
 )
 from fhir_api.search_index.encoding import (
@@ -133,6 +134,7 @@ __all__ = [
     "patient_compartment_params",
     "reference_query_keys",
     "reference_value",
+    "resource_types",
     "search_parameters_for",
     "string_entries",
     "text_param",

@@ -156,6 +156,25 @@ def test_include_revinclude_and_iterate(client: TestClient) -> None:
     assert ids(both, "include") == {encounter, provider}
 
 
+def test_revinclude_star_brings_every_referencing_type(client: TestClient) -> None:
+    provider = _organization(client, "Unit 02")
+    subject = create(client, patient("RS1"))
+    bystander = create(client, patient("RS2"))
+    encounter = create(
+        client, _encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-03")
+    )
+    observed = create(client, observation(f"Patient/{subject}"))
+    create(client, observation(f"Patient/{bystander}"))
+    everything = search(client, f"/fhir/Patient?_id={subject}&_revinclude=*")
+    assert ids(everything) == {subject}
+    assert ids(everything, "include") == {encounter, observed}
+    # From the Organization's side, only what points at it: the Encounter's serviceProvider.
+    unit_side = search(client, f"/fhir/Organization?_id={provider}&_revinclude=*")
+    assert ids(unit_side, "include") == {encounter}
+    typed = search(client, f"/fhir/Patient?_id={subject}&_revinclude=Encounter:*")
+    assert ids(typed, "include") == {encounter}
+
+
 def test_chaining_one_level(client: TestClient) -> None:
     subject = create(client, patient("CH1", family="Chraibi"))
     other = create(client, patient("CH2", family="Alaoui"))
