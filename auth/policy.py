@@ -9,17 +9,33 @@ reach are absent from reads, searches, includes, counts and history alike).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, FromClause, Table, any_, exists, false, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from auth.errors import Forbidden
 from auth.tokens import Principal
 from fhir_api.models import CareRelationshipRow
 
 CARE = cast(Table, CareRelationshipRow.__table__).alias("care")
+# Names of the row condition's parameters (see `Access.row_condition`).
+SCOPE_GRANTEES = "scope_grantees"
+SCOPE_TYPES = "scope_types"
 
 READ_INTERACTIONS = frozenset({"read", "vread", "history", "search", "everything"})
 WRITE_INTERACTIONS = frozenset({"create", "update", "delete"})
@@ -145,29 +161,48 @@ class Access:
                 raise Forbidden(f"the token's scopes do not allow {interaction} on {what}")
 
     def row_condition(self, resource: FromClause) -> ColumnElement[bool] | None:
-        """Return the SQL condition for the rows this caller may see (None: all)."""
+        """Return the SQL condition for the rows this caller may see (None: all).
+
+        The caller's grantees and readable types are named parameters, so a
+        statement built for one caller serves every caller of the same `scope_key`
+        once `scope_parameters()` are passed with it.
+        """
         conditions: list[ColumnElement[bool]] = []
+        parameters = self.scope_parameters()
         if not self.unrestricted:
             shared = (func.cardinality(resource.c.patient_ids) == 0) & (
                 resource.c.resource_type.not_in(PRIVATE_TYPES)
             )
             if self.grantees:
+                grantees = bindparam(SCOPE_GRANTEES, parameters[SCOPE_GRANTEES], type_=ARRAY(Text))
                 related = exists(
                     select(CARE.c.patient_id).where(
-                        CARE.c.grantee.in_(self.grantees),
+                        CARE.c.grantee == any_(grantees),
                         CARE.c.patient_id == any_(resource.c.patient_ids),
                     )
                 )
                 conditions.append(or_(shared, related))
             else:
                 conditions.append(shared)
-        if self.smart is not None:
-            readable = self.smart.readable_types()
-            if readable is not None:
-                conditions.append(resource.c.resource_type.in_(readable) if readable else false())
+        readable = self.smart.readable_types() if self.smart is not None else None
+        if readable is not None:
+            types = bindparam(SCOPE_TYPES, parameters[SCOPE_TYPES], type_=ARRAY(Text))
+            conditions.append(resource.c.resource_type == any_(types) if readable else false())
         if not conditions:
             return None
         return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
+
+    @property
+    def scope_key(self) -> Hashable:
+        """Return what the SQL of `row_condition` depends on; its values are parameters."""
+        readable = self.smart.readable_types() if self.smart is not None else None
+        types = None if readable is None else bool(readable)
+        return (self.unrestricted, bool(self.grantees), types)
+
+    def scope_parameters(self) -> dict[str, Any]:
+        """Return the values of the named parameters `row_condition` uses."""
+        readable = self.smart.readable_types() if self.smart is not None else None
+        return {SCOPE_GRANTEES: list(self.grantees), SCOPE_TYPES: list(readable or ())}
 
 
 def access_for(principal: Principal) -> Access:

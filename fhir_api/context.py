@@ -8,9 +8,9 @@ relationships are data the store derives from what units write.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, FromClause
 
@@ -28,6 +28,13 @@ class AccessControl(Protocol):
     def row_condition(self, resource: FromClause) -> ColumnElement[bool] | None:
         """Return the SQL condition over a `fhir_resource` alias for visible rows."""
 
+    @property
+    def scope_key(self) -> Hashable:
+        """Return what the row condition's SQL depends on (equal keys: the same SQL)."""
+
+    def scope_parameters(self) -> dict[str, Any]:
+        """Return the values of the row condition's named parameters."""
+
 
 class _Unrestricted:
     """The access of Waha's own jobs and of tests that do not test access."""
@@ -41,6 +48,12 @@ class _Unrestricted:
         """See every row."""
         del resource
         return None
+
+    scope_key = None
+
+    def scope_parameters(self) -> dict[str, Any]:
+        """Need no parameters."""
+        return {}
 
 
 UNRESTRICTED_ACCESS: AccessControl = _Unrestricted()

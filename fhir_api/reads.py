@@ -55,7 +55,9 @@ def search_scope(access: AccessControl) -> search_service.SearchScope:
         assert visible is not None  # noqa: S101 - the caller's rights do not change mid-request
         return visible
 
-    return search_service.SearchScope(condition=condition)
+    return search_service.SearchScope(
+        condition=condition, key=access.scope_key, parameters=access.scope_parameters()
+    )
 
 
 def read_resource(

@@ -7,8 +7,8 @@ and `_has` alike), so the auth layer narrows searches by adding a condition ther
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
@@ -86,9 +86,15 @@ ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
 
 @dataclass(frozen=True, slots=True)
 class SearchScope:
-    """Which resources a caller may find; `condition` adds SQL over a `fhir_resource` alias."""
+    """Which resources a caller may find; `condition` adds SQL over a `fhir_resource` alias.
+
+    When `key` is given, the condition's SQL is the same for every scope of that
+    key and differs only in the named `parameters`, so page statements are reused.
+    """
 
     condition: ScopeCondition | None = None
+    key: Hashable | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
 UNRESTRICTED = SearchScope()
@@ -560,8 +566,8 @@ def list_page(
         )
         values: dict[str, Any] = {}
     else:
-        statement = _page_template(shape, criteria, sort, after, backwards, limit)
-        values = _slot_values(criteria, after)
+        statement = _page_template(shape, criteria, sort, after, backwards, limit, scope)
+        values = {**scope.parameters, **_slot_values(criteria, after)}
     width = len(sort)
     return [
         (
@@ -580,7 +586,7 @@ def list_page(
 # Building it and deriving its cache key cost more than the rest of an identifier
 # search's service time (2.1 ms of CPU per search before, 0.9 ms after); a reused
 # statement keeps its memoized cache key, so SQLAlchemy's compiled-SQL cache
-# answers at once. Restricted scopes and other criteria kinds are built per search.
+# answers at once. Scopes without a key and other criteria kinds are built per search.
 # Bounded, since the shapes come from callers.
 _TEMPLATES: dict[Hashable, Select[Any]] = {}
 MAX_TEMPLATES = 512
@@ -595,8 +601,9 @@ def _page_shape(
     scope: SearchScope,
 ) -> Hashable | None:
     """Return what a reusable page query depends on, or None when it cannot be reused."""
-    # A caller's scope is its own SQL; a sorted cursor's SQL depends on which values are NULL.
-    if scope.condition is not None or (sort and after is not None):
+    # A scope without a key is its own SQL; a sorted cursor's SQL depends on which
+    # values are NULL.
+    if (scope.condition is not None and scope.key is None) or (sort and after is not None):
         return None
     shape: list[tuple[str, tuple[tuple[type, bool], ...]]] = []
     for resource_type, found in criteria.items():
@@ -607,7 +614,7 @@ def _page_shape(
             negate = not isinstance(criterion, ReferenceCriterion) and criterion.negate
             kinds.append((type(criterion), negate))
         shape.append((resource_type, tuple(kinds)))
-    return (tuple(shape), tuple(sort), after is not None, backwards, limit)
+    return (tuple(shape), tuple(sort), after is not None, backwards, limit, scope.key)
 
 
 def _page_template(
@@ -617,16 +624,18 @@ def _page_template(
     after: Sequence[Any] | None,
     backwards: bool,
     limit: int,
+    scope: SearchScope,
 ) -> Select[Any]:
     template = _TEMPLATES.get(shape)
     if template is None:
+        # Built with this caller's scope; later callers of the same key pass their values.
         template = page_statement(
             criteria=criteria,
             sort=sort,
             after=after,
             backwards=backwards,
             limit=limit,
-            scope=UNRESTRICTED,
+            scope=scope,
             slotted=True,
         )
         if len(_TEMPLATES) >= MAX_TEMPLATES:

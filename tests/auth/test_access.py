@@ -465,6 +465,25 @@ def test_a_hidden_patient_is_absent_from_broad_searches(
         assert set(entries(seen)) & _visit_refs(visit), query
 
 
+def test_callers_sharing_a_statement_shape_keep_their_own_rows(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # Page statements are reused per shape and scope kind, with each caller's grantees
+    # as parameters: alternating callers must never see the other one's rows.
+    shapes = (
+        f"/fhir/Patient?identifier={NATIONAL_ID}|{visit.national_id}",
+        f"/fhir/Observation?subject=Patient/{visit.patient}&_count=7",
+        f"/fhir/Patient?_id={visit.patient}&_count=3",
+    )
+    for query in shapes:
+        for caller in ("unit-01", "unit-02", "unit-01", "unit-02"):
+            found = set(entries(_search(api, auth_headers(caller), query)))
+            if caller == "unit-01":
+                assert found & _visit_refs(visit), (caller, query)
+            else:
+                assert not found, (caller, query)
+
+
 def test_a_reference_to_a_hidden_patient_is_no_way_in(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:
