@@ -44,6 +44,7 @@ test: install services lint typecheck
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 bench: migrate
+	WAHA_BENCH_TOOLS=1 bash platform/scripts/ensure-services.sh
 	$(BIN)/python -m bench
 
 clean:

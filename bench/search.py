@@ -13,6 +13,7 @@ the API builds it, to DIR/<kind>.txt.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import threading
@@ -29,9 +30,12 @@ import psycopg
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.exc import OperationalError
 
+from bench import wrk
 from bench.common import (
+    FHIR_JSON,
     BenchError,
     Check,
+    IssuerToken,
     add_http_arguments,
     check_api,
     credentials,
@@ -53,15 +57,33 @@ class KindRun:
     """What the clients saw for one query kind."""
 
     kind: str
-    latencies: list[float] = field(default_factory=list)
+    requests: int = 0
     failures: int = 0
     elapsed: float = 0.0
+    p50: float = math.nan
+    p95: float = math.nan
     errors: list[str] = field(default_factory=list)
+    driver: str = "python"
 
     @property
     def rps(self) -> float:
         """Return successful requests per second."""
-        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+        return self.requests / self.elapsed if self.elapsed else 0.0
+
+    @classmethod
+    def from_latencies(
+        cls, kind: str, latencies: Sequence[float], failures: int, elapsed: float, errors: list[str]
+    ) -> KindRun:
+        """Summarise what the Python driver timed."""
+        return cls(
+            kind,
+            requests=len(latencies),
+            failures=failures,
+            elapsed=elapsed,
+            p50=percentile(latencies, 0.50),
+            p95=percentile(latencies, 0.95),
+            errors=errors,
+        )
 
 
 def _conninfo(url: str) -> str:
@@ -194,6 +216,47 @@ def _drive(
 
 def measure_kind(args: argparse.Namespace, kind: str, queries: Sequence[str]) -> KindRun:
     """Send `queries` of one kind from `args.clients` clients for `args.duration` s."""
+    if args.driver == "wrk" or (args.driver == "auto" and wrk.available()):
+        return measure_kind_with_wrk(args, kind, queries)
+    return measure_kind_in_python(args, kind, queries)
+
+
+def measure_kind_with_wrk(args: argparse.Namespace, kind: str, queries: Sequence[str]) -> KindRun:
+    """Send `queries` of one kind over `args.clients` wrk connections (warmed first, untimed)."""
+    token = credentials(args)
+    bearer = token.token() if isinstance(token, IssuerToken) else token
+    headers = {"Accept": FHIR_JSON, "Authorization": f"Bearer {bearer}"}
+    paths = ["/fhir/" + query for query in queries]
+
+    def drive(some: Sequence[str], duration: float) -> wrk.WrkRun:
+        return wrk.run(
+            args.base_url,
+            some,
+            headers=headers,
+            connections=args.clients,
+            duration=duration,
+            timeout=args.timeout,
+        )
+
+    try:
+        drive(paths[:50], 2)  # warm the connections and caches
+        measured = drive(paths, args.duration)
+    except wrk.WrkError as error:
+        raise BenchError(f"{kind}: {error}") from error
+    return KindRun(
+        kind,
+        requests=measured.requests,
+        failures=measured.failures,
+        elapsed=measured.elapsed,
+        p50=measured.p50,
+        p95=measured.p95,
+        errors=[f"{measured.failures} failed requests"] if measured.failures else [],
+        driver="wrk",
+    )
+
+
+def measure_kind_in_python(args: argparse.Namespace, kind: str, queries: Sequence[str]) -> KindRun:
+    """Send `queries` of one kind from Python client threads."""
     http_clients = [
         make_client(args.base_url, token=credentials(args), timeout=args.timeout)
         for _ in range(args.clients)
@@ -216,7 +279,7 @@ def measure_kind(args: argparse.Namespace, kind: str, queries: Sequence[str]) ->
     finally:
         for client in http_clients:
             client.close()
-    return KindRun(kind, latencies, failures, elapsed, errors)
+    return KindRun.from_latencies(kind, latencies, failures, elapsed, errors)
 
 
 def measure_raw_lookup(args: argparse.Namespace, queries: Sequence[str]) -> KindRun:
@@ -241,7 +304,7 @@ def measure_raw_lookup(args: argparse.Namespace, queries: Sequence[str]) -> Kind
     finally:
         for connection in connections:
             connection.close()
-    return KindRun("raw identifier lookup", latencies, failures, elapsed, errors)
+    return KindRun.from_latencies("raw identifier lookup", latencies, failures, elapsed, errors)
 
 
 def _statistics_note(connection: Connection) -> str:
@@ -307,7 +370,7 @@ def search_checks(runs: Sequence[KindRun]) -> list[Check]:
     """Return the search figures against the issue's targets."""
     checks: list[Check] = []
     for run in runs:
-        p95 = percentile(run.latencies, 0.95)
+        p95 = run.p95
         target = TARGETS[run.kind]
         checks.append(
             Check(
@@ -334,11 +397,11 @@ def search_checks(runs: Sequence[KindRun]) -> list[Check]:
 
 def print_runs(runs: Sequence[KindRun], raw: KindRun | None, clients: int) -> None:
     """Print rps and latency per kind, and the API/raw ratio."""
-    print(f"\nsearch, {clients} clients")
+    drivers = sorted({run.driver for run in runs})
+    print(f"\nsearch, {clients} clients (load from {', '.join(drivers) or 'nothing'})")
     print(f"  {'kind':<24}{'rps':>9}{'p50 ms':>9}{'p95 ms':>9}{'fail':>6}")
     for run in [*runs, *([raw] if raw else [])]:
-        p50 = percentile(run.latencies, 0.50) * 1000
-        p95 = percentile(run.latencies, 0.95) * 1000
+        p50, p95 = run.p50 * 1000, run.p95 * 1000
         print(f"  {run.kind:<24}{run.rps:>9,.0f}{p50:>9.1f}{p95:>9.1f}{run.failures:>6}")
         for error in sorted(set(run.errors))[:3]:
             print(f"      {error}")
@@ -371,6 +434,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=500, help="sampled queries per kind")
     parser.add_argument("--seed", type=int, default=20261123, help="shuffle seed")
     parser.add_argument("--kinds", default="", help="comma-separated subset of kinds")
+    parser.add_argument(
+        "--driver",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk when installed (auto), or Python client threads",
+    )
     parser.add_argument("--explain", default="", help="folder for EXPLAIN ANALYZE plans")
     parser.add_argument(
         "--explain-timeout", type=int, default=20_000, help="ms before EXPLAIN drops ANALYZE"

@@ -14,6 +14,8 @@
 #   WAHA_PG_PORT      (default 5432)
 #   WAHA_REDIS_PORT   (default 6379; Redis is always looked for on 127.0.0.1)
 #   WAHA_SERVICES_WAIT  seconds to wait for a service to come up (default 30)
+#   WAHA_BENCH_TOOLS  set to 1 (by `make bench`) to also install the HTTP load
+#                     generator the benchmarks drive the API with (wrk)
 #
 # Output: one line per service on stdout saying what was used or started;
 # progress of long steps (package installs) and errors go to stderr.
@@ -299,5 +301,17 @@ ensure_redis() {
   say "redis: ${action} redis-server at ${REDIS_HOST}:${REDIS_PORT} (log ${logfile})"
 }
 
+ensure_bench_tools() {
+  if command -v wrk >/dev/null 2>&1; then
+    return 0
+  fi
+  # A load generator in C, so the clients do not take the CPU the API is measured on.
+  apt_install wrk
+  say "wrk: installed (benchmark load generator)"
+}
+
 ensure_postgres
 ensure_redis
+if [[ "${WAHA_BENCH_TOOLS:-0}" == "1" ]]; then
+  ensure_bench_tools
+fi
