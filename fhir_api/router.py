@@ -17,7 +17,7 @@ from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, Req
 from fhir_api.errors import UnparsableBody
 from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
-from hub.db import read_scope, session_scope
+from hub.db import run_read, session_scope
 from hub.errors import FHIR_MEDIA_TYPE, PayloadTooLarge, UnsupportedMediaType
 from hub.settings import Settings, request_settings
 
@@ -167,8 +167,8 @@ def _history(
     since: str | None,
 ) -> Response:
     context.access.check("history", resource_type)
-    with read_scope() as session:
-        bundle = reads.history_bundle(
+    bundle = run_read(
+        lambda session: reads.history_bundle(
             session,
             base_url=settings.fhir_base_url,
             resource_type=resource_type,
@@ -179,6 +179,7 @@ def _history(
             access=context.access,
             audit=context.audit,
         )
+    )
     return fhir_response(bundle)
 
 
@@ -256,14 +257,15 @@ def system_search(
 ) -> Response:
     """Search several types at once (`_type=Patient,Observation`)."""
     context.access.check("search", None)
-    with read_scope() as session:
-        bundle = search.system_search(
+    bundle = run_read(
+        lambda session: search.system_search(
             session,
             pairs=request.query_params.multi_items(),
             base_url=settings.fhir_base_url,
             strict=_strict_handling(prefer),
             scope=reads.search_scope(context.access),
         )
+    )
     return fhir_response(bundle)
 
 
@@ -275,8 +277,8 @@ def _search(
     prefer: str | None,
 ) -> Response:
     context.access.check("search", resource_type)
-    with read_scope() as session:
-        bundle = search.search(
+    bundle = run_read(
+        lambda session: search.search(
             session,
             resource_type=resource_type,
             pairs=pairs,
@@ -284,6 +286,7 @@ def _search(
             strict=_strict_handling(prefer),
             scope=reads.search_scope(context.access),
         )
+    )
     return fhir_response(bundle)
 
 
@@ -424,14 +427,15 @@ def read(
 ) -> Response:
     """Read the current version of a resource."""
     context.access.check("read", resource_type)
-    with read_scope() as session:
-        result = reads.read_resource(
+    result = run_read(
+        lambda session: reads.read_resource(
             session,
             resource_type=resource_type,
             resource_id=resource_id,
             access=context.access,
             audit=context.audit,
         )
+    )
     return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
 
 
@@ -509,8 +513,8 @@ def vread(
 ) -> Response:
     """Read one version of a resource."""
     context.access.check("vread", resource_type)
-    with read_scope() as session:
-        result = reads.vread_resource(
+    result = run_read(
+        lambda session: reads.vread_resource(
             session,
             resource_type=resource_type,
             resource_id=resource_id,
@@ -518,6 +522,7 @@ def vread(
             access=context.access,
             audit=context.audit,
         )
+    )
     return fhir_response(result.resource, 200, _resource_headers(result, settings.fhir_base_url))
 
 
@@ -534,8 +539,8 @@ def patient_everything(
 ) -> Response:
     """Answer Patient/$everything: the patient's compartment and what it references."""
     context.access.check("everything", "Patient")
-    with read_scope() as session:
-        bundle = reads.everything_bundle(
+    bundle = run_read(
+        lambda session: reads.everything_bundle(
             session,
             base_url=settings.fhir_base_url,
             patient_id=patient_id,
@@ -546,4 +551,5 @@ def patient_everything(
             access=context.access,
             audit=context.audit,
         )
+    )
     return fhir_response(bundle)

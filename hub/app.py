@@ -144,8 +144,7 @@ def _session_factory() -> sessionmaker[Session]:
 
 def _unit_device_status(unit: str) -> str | None:
     """Return the status of a unit's Device (`Device/<unit>`), None when it has none."""
-    with db.session_scope() as session:
-        return fhir_service.device_status(session, unit)
+    return db.run_read(lambda session: fhir_service.device_status(session, unit))
 
 
 def _connect_outbox_notifier() -> None:

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         "postgresql+psycopg://waha@127.0.0.1:5432/waha"
     )
     database_pool_size: int = 10
+    # A ping per pool checkout costs a round trip on every request; without it a
+    # connection broken by a database restart is found when used, the pool is
+    # invalidated, and reads are repeated once on a fresh connection (hub.db.run_read).
+    database_pool_pre_ping: bool = False
     redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
     public_base_url: str = "http://127.0.0.1:8000"
 

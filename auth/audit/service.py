@@ -13,14 +13,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 import orjson
 import structlog
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from auth.audit import repository
@@ -209,12 +209,24 @@ def record(bind: Engine | sessionmaker[Session], records: Sequence[AuditRecord])
     if not records:
         return
     rows = [_row(item) for item in records]
-    try:
-        with _open(bind) as session, session.begin():
-            repository.add_events(session, rows)
-    except SQLAlchemyError as error:
-        log.error("auth.audit_write_failed", events=len(rows), error_type=type(error).__name__)
-        raise AuditUnavailable("the audit trail cannot be written") from error
+    for attempt in (1, 2):
+        try:
+            with _open(bind) as session, session.begin():
+                repository.add_events(session, rows)
+            return
+        except DBAPIError as error:
+            # A pooled connection a database restart broke: the pool is now
+            # invalidated and one more attempt runs on a fresh connection.
+            if attempt == 1 and error.connection_invalidated:
+                continue
+            _unavailable(error, len(rows))
+        except SQLAlchemyError as error:
+            _unavailable(error, len(rows))
+
+
+def _unavailable(error: SQLAlchemyError, events: int) -> NoReturn:
+    log.error("auth.audit_write_failed", events=events, error_type=type(error).__name__)
+    raise AuditUnavailable("the audit trail cannot be written") from error
 
 
 def _open(bind: Engine | sessionmaker[Session]) -> Session:
