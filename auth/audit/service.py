@@ -18,7 +18,6 @@ from urllib.parse import urlencode
 
 import orjson
 import structlog
-from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -211,8 +210,15 @@ def record(bind: Engine | sessionmaker[Session], records: Sequence[AuditRecord])
     rows = [_row(item) for item in records]
     for attempt in (1, 2):
         try:
-            with _open(bind) as session, session.begin():
-                repository.add_events(session, rows)
+            with _open(bind) as session:
+                if isinstance(session.get_bind(), Engine):
+                    # One self-committing statement: no BEGIN and COMMIT round trips.
+                    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                    repository.add_events(session, rows)
+                else:
+                    # Bound to a caller's connection (tests): join its transaction.
+                    with session.begin():
+                        repository.add_events(session, rows)
             return
         except DBAPIError as error:
             # A pooled connection a database restart broke: the pool is now
@@ -276,7 +282,7 @@ def _row(item: AuditRecord) -> tuple[Any, ...]:
         item.request_id,
         patient_ids,
         entity_refs,
-        Jsonb(resource),
+        resource,
     )
 
 
