@@ -109,11 +109,14 @@ class SearchStringRow(Base):
     __tablename__ = "fhir_search_string"
     __table_args__ = (
         PrimaryKeyConstraint("resource_type", "resource_id", "param", "value_normalized"),
+        # Covering: a prefix search orders the matching ids without the heap.
         Index(
-            "ix_fhir_search_string_lookup",
+            "ix_fhir_search_string_prefix",
             "resource_type",
             "param",
-            text("value_normalized text_pattern_ops"),
+            "value_normalized",
+            postgresql_ops={"value_normalized": "text_pattern_ops"},
+            postgresql_include=["resource_id"],
         ),
     )
 

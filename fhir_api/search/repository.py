@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.sql.selectable import Subquery, TableValuedAlias
 
 from fhir_api.models import (
     ResourceRow,
@@ -517,7 +517,22 @@ def page_statement(
     else:
         # No sort keys: filter and order on the base table so the primary key serves the walk.
         position = tuple_(resource.c.resource_type, resource.c.id)
+        order: list[ColumnElement[Any]] = [resource.c.resource_type, resource.c.id]
         base = select(resource.c.resource_type, resource.c.id).where(condition)
+        driver = _string_driver(criteria)
+        if driver is not None:
+            # The matching ids come sorted from the string index, so the walk stops
+            # after a page of visible rows instead of fetching every match to sort it.
+            base = base.join_from(
+                resource,
+                driver,
+                and_(
+                    driver.c.resource_type == resource.c.resource_type,
+                    driver.c.resource_id == resource.c.id,
+                ),
+            )
+            position = tuple_(driver.c.resource_type, driver.c.resource_id)
+            order = [driver.c.resource_type, driver.c.resource_id]
         if after is not None:
             boundary = tuple_(
                 *(
@@ -526,7 +541,6 @@ def page_statement(
                 )
             )
             base = base.where(position < boundary if backwards else position > boundary)
-        order = [resource.c.resource_type, resource.c.id]
         base = base.order_by(*(c.desc() if backwards else c.asc() for c in order))
         page = base.limit(limit).subquery("page")
     stored = STORED
@@ -545,6 +559,34 @@ def page_statement(
             and_(stored.c.resource_type == page.c.resource_type, stored.c.id == page.c.id),
         )
         .order_by(*((c.desc() if d else c.asc()).nulls_last() for c, d in final_order))
+    )
+
+
+def _string_driver(criteria: dict[str, list[Criterion]]) -> Subquery | None:
+    """Return the distinct ids a one-type search's prefix string criterion matches, or None.
+
+    A name prefix can match thousands of resources; ordered by id, only a page of
+    them is needed. Searches with a keyed criterion (token, reference, _id) are
+    left to the planner: their GIN lookups are narrower.
+    """
+    if len(criteria) != 1:
+        return None
+    ((resource_type, found),) = criteria.items()
+    if any(isinstance(criterion, KeyedCriterion) for criterion in found):
+        return None
+    string = next((c for c in found if isinstance(c, StringCriterion) and c.mode == "start"), None)
+    if string is None:
+        return None
+    column = STRINGS.c.value_normalized
+    return (
+        select(STRINGS.c.resource_type, STRINGS.c.resource_id)
+        .where(
+            STRINGS.c.resource_type == resource_type,
+            STRINGS.c.param == string.param,
+            or_(*(column.startswith(value, autoescape=True) for value in string.values)),
+        )
+        .distinct()
+        .subquery("driver")
     )
 
 

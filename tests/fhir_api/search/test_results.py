@@ -175,6 +175,43 @@ def test_revinclude_star_brings_every_referencing_type(client: TestClient) -> No
     assert ids(typed, "include") == {encounter}
 
 
+def _page_ids(bundle: dict[str, Any]) -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+
+def _link(bundle: dict[str, Any], relation: str) -> str | None:
+    return next((link["url"] for link in bundle["link"] if link["relation"] == relation), None)
+
+
+def test_name_prefix_pages_list_each_resource_once_in_id_order(client: TestClient) -> None:
+    # Each patient has three name parts starting "na": one entry each, never three.
+    named: list[dict[str, Any]] = [{"family": "Naim", "given": ["Nadia", "Nawal"]}]
+    created = [create(client, patient(f"NP{number}", name=named)) for number in range(7)]
+    create(client, patient("NP-other", family="Bennani"))
+    gone = created.pop(3)
+    assert client.delete(f"/fhir/Patient/{gone}").status_code in (200, 204)
+    pages: list[list[str]] = []
+    bundle = search(client, "/fhir/Patient?name=na&_count=2")
+    while True:
+        pages.append(_page_ids(bundle))
+        following = _link(bundle, "next")
+        if following is None:
+            break
+        bundle = search(client, following)
+    walked = [resource_id for page in pages for resource_id in page]
+    assert walked == sorted(created)
+    assert [len(page) for page in pages] == [2, 2, 2]
+    backwards: list[str] = []
+    while (preceding := _link(bundle, "previous")) is not None:
+        bundle = search(client, preceding)
+        backwards = _page_ids(bundle) + backwards
+    assert backwards == walked[:4]
+    both = search(client, "/fhir/Patient?name=nawal,bennani&_count=100")
+    assert len(_page_ids(both)) == 7
+    narrowed = search(client, "/fhir/Patient?name=na&gender=male")
+    assert _page_ids(narrowed) == []
+
+
 def test_chaining_one_level(client: TestClient) -> None:
     subject = create(client, patient("CH1", family="Chraibi"))
     other = create(client, patient("CH2", family="Alaoui"))
