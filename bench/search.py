@@ -307,6 +307,16 @@ def measure_raw_lookup(args: argparse.Namespace, queries: Sequence[str]) -> Kind
     return KindRun.from_latencies("raw identifier lookup", latencies, failures, elapsed, errors)
 
 
+def server_settings(database_url: str) -> str:
+    """Describe the PostgreSQL settings the figures depend on (docker-compose sets them)."""
+    names = ("shared_buffers", "effective_cache_size", "random_page_cost", "jit")
+    with psycopg.connect(_conninfo(database_url)) as connection:
+        values = [connection.execute(f"SHOW {name}".encode()).fetchone() for name in names]
+    pairs = zip(names, values, strict=True)
+    shown = ", ".join(f"{name}={row[0] if row else '?'}" for name, row in pairs)
+    return f"PostgreSQL: {shown}"
+
+
 def _statistics_note(connection: Connection) -> str:
     """Describe when the store's tables were last analyzed: plans depend on it."""
     rows = connection.exec_driver_sql(
@@ -413,6 +423,7 @@ def print_runs(runs: Sequence[KindRun], raw: KindRun | None, clients: int) -> No
 def run_all(args: argparse.Namespace) -> list[Check]:
     """Sample queries, optionally explain them, measure each kind; print and return checks."""
     check_api(args.base_url, token=credentials(args))
+    print(server_settings(args.database_url))
     queries = sample_queries(args.database_url, args.samples, args.seed)
     print(", ".join(f"{kind}: {len(found)} queries" for kind, found in queries.items()))
     if args.explain:
