@@ -172,6 +172,13 @@ class AnyOfCriterion:
     options: tuple[Criterion, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class AllOfCriterion:
+    """Conditions that must all hold (a composite with several typed components)."""
+
+    parts: tuple[Criterion, ...]
+
+
 Criterion = (
     IdCriterion
     | TokenCriterion
@@ -184,6 +191,7 @@ Criterion = (
     | ChainCriterion
     | HasCriterion
     | AnyOfCriterion
+    | AllOfCriterion
 )
 
 
@@ -484,8 +492,9 @@ class _Parser:
         components = definitions_for(resource_type)[code].components
         types = [component.type for component in components]
         keyed = [t in ("token", "reference", "uri") for t in types]
-        # Ingest keys the leading token/reference/uri parts; one typed part may follow.
-        if not keyed[0] or keyed.count(False) > 1 or (False in keyed and keyed[-1]):
+        # Ingest keys the leading token/reference/uri parts; typed parts follow them.
+        first_typed = keyed.index(False) if False in keyed else len(keyed)
+        if not keyed[0] or any(keyed[first_typed:]):
             raise UnsupportedModifier(f"{name}: this composite is not supported")
         tokens: list[str] = []
         typed: list[Criterion] = []
@@ -501,18 +510,28 @@ class _Parser:
             if all(keyed):
                 tokens.append(composite_key(code, *keys))
                 continue
-            last = _unescape(parts[-1])
-            param = composite_param(code, *keys)
-            last_type = types[-1]
-            if last_type == "date":
-                typed.append(DateCriterion(param, (parse_date_value(last, name),)))
-            elif last_type in ("quantity", "number"):
-                comparison = parse_number_value(last, name, quantity=last_type == "quantity")
-                typed.append(NumberCriterion(param, (comparison,)))
-            elif last_type == "string":
-                typed.append(StringCriterion(param, "start", (normalize_string(last),)))
-            else:
-                raise UnsupportedModifier(f"{name}: this composite is not supported")
+            trailing = list(zip(components[first_typed:], parts[first_typed:], strict=True))
+            if len(trailing) == 1:
+                component, raw = trailing[0]
+                typed.append(
+                    _typed_part(composite_param(code, *keys), component.type, _unescape(raw), name)
+                )
+                continue
+            # Several typed parts (the MolecularSequence coordinates): ingest indexes
+            # each under its component code, and all of them must match.
+            typed.append(
+                AllOfCriterion(
+                    tuple(
+                        _typed_part(
+                            composite_param(code, *keys, component.code),
+                            component.type,
+                            _unescape(raw),
+                            name,
+                        )
+                        for component, raw in trailing
+                    )
+                )
+            )
         if tokens:
             return TokenCriterion(tuple(tokens))
         return typed[0] if len(typed) == 1 else AnyOfCriterion(tuple(typed))
@@ -555,6 +574,18 @@ class _Parser:
         if inner is None:
             raise InvalidSearch(f"{name}: {source_type} has no parameter {inner_name}")
         return HasCriterion(source_type, reference_param, inner, self.base_url)
+
+
+def _typed_part(param: str, component_type: str, raw: str, name: str) -> Criterion:
+    """Return the criterion of one typed composite component under its index param."""
+    if component_type == "date":
+        return DateCriterion(param, (parse_date_value(raw, name),))
+    if component_type in ("quantity", "number"):
+        comparison = parse_number_value(raw, name, quantity=component_type == "quantity")
+        return NumberCriterion(param, (comparison,))
+    if component_type == "string":
+        return StringCriterion(param, "start", (normalize_string(raw),))
+    raise UnsupportedModifier(f"{name}: this composite is not supported")
 
 
 def parse_count(raw: str) -> int:

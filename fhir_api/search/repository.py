@@ -48,6 +48,7 @@ from fhir_api.models import (
     SearchUriRow,
 )
 from fhir_api.search.parser import (
+    AllOfCriterion,
     AnyOfCriterion,
     ChainCriterion,
     Criterion,
@@ -252,6 +253,8 @@ def condition_for(
         return _has(resource, resource_type, criterion, scope)
     if isinstance(criterion, AnyOfCriterion):
         return or_(*(condition_for(resource, resource_type, c, scope) for c in criterion.options))
+    if isinstance(criterion, AllOfCriterion):
+        return and_(*(condition_for(resource, resource_type, c, scope) for c in criterion.parts))
     raise TypeError(f"no SQL for {type(criterion).__name__}")
 
 

@@ -266,6 +266,38 @@ def test_composites(client: TestClient) -> None:
     assert found(client, "/fhir/Observation?code-value-concept=8867-4$neg") == set()
 
 
+def test_composites_with_several_numbers_molecular_sequence(client: TestClient) -> None:
+    chromosome = "http://terminology.hl7.org/CodeSystem/chromosome-human"
+    sequence = create(
+        client,
+        {
+            "resourceType": "MolecularSequence",
+            "coordinateSystem": 0,
+            "referenceSeq": {
+                "chromosome": {"coding": [{"system": chromosome, "code": "1"}]},
+                "windowStart": 22125500,
+                "windowEnd": 22125510,
+            },
+            "variant": [
+                {"start": 22125503, "end": 22125504, "observedAllele": "C", "referenceAllele": "T"}
+            ],
+        },
+    )
+    base = "/fhir/MolecularSequence?"
+    assert found(client, base + "chromosome-variant-coordinate=1$ge22125500$le22125510") == {
+        sequence
+    }
+    assert found(client, base + "chromosome-variant-coordinate=1$gt22125504$le22125510") == set()
+    assert found(client, base + "chromosome-variant-coordinate=1$ge22125500$gt22125504") == set()
+    assert found(client, base + "chromosome-variant-coordinate=2$ge22125500$le22125510") == set()
+    window = f"chromosome-window-coordinate={chromosome}|1$22125500$22125510"
+    assert found(client, base + window) == {sequence}
+    either = "chromosome-variant-coordinate=2$1$1,1$lt22125504$gt22125503"
+    assert found(client, base + either) == {sequence}
+    response = client.get(base + "chromosome-variant-coordinate=1$ge22125500")
+    assert response.status_code == 400
+
+
 def test_missing_on_every_kind(client: TestClient) -> None:
     dated = create(client, patient("MI1"))
     undated = create(client, patient("MI2", birthDate=None))
