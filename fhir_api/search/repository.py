@@ -502,6 +502,11 @@ def page_statement(
     `slotted` leaves keyed criteria and an unsorted cursor as named parameters.
     """
     resource = MATCHED
+    driver = None if sort else _string_driver(criteria)
+    if driver is not None:
+        # The driver's criterion is met by the join; repeating it as an EXISTS would
+        # let the planner go back to fetching every match.
+        criteria = {t: [c for c in found if c is not driver[1]] for t, found in criteria.items()}
     condition = match_condition(resource, criteria, scope, slotted=slotted)
     directions = [key.descending != backwards for key in sort]
     if sort:
@@ -522,20 +527,20 @@ def page_statement(
         position = tuple_(resource.c.resource_type, resource.c.id)
         order: list[ColumnElement[Any]] = [resource.c.resource_type, resource.c.id]
         base = select(resource.c.resource_type, resource.c.id).where(condition)
-        driver = _string_driver(criteria)
         if driver is not None:
             # The matching ids come sorted from the string index, so the walk stops
             # after a page of visible rows instead of fetching every match to sort it.
+            ids = driver[0]
             base = base.join_from(
                 resource,
-                driver,
+                ids,
                 and_(
-                    driver.c.resource_type == resource.c.resource_type,
-                    driver.c.resource_id == resource.c.id,
+                    ids.c.resource_type == resource.c.resource_type,
+                    ids.c.resource_id == resource.c.id,
                 ),
             )
-            position = tuple_(driver.c.resource_type, driver.c.resource_id)
-            order = [driver.c.resource_type, driver.c.resource_id]
+            position = tuple_(ids.c.resource_type, ids.c.resource_id)
+            order = [ids.c.resource_type, ids.c.resource_id]
         if after is not None:
             boundary = tuple_(
                 *(
@@ -565,7 +570,9 @@ def page_statement(
     )
 
 
-def _string_driver(criteria: dict[str, list[Criterion]]) -> Subquery | None:
+def _string_driver(
+    criteria: dict[str, list[Criterion]],
+) -> tuple[Subquery, StringCriterion] | None:
     """Return the distinct ids a one-type search's prefix string criterion matches, or None.
 
     A name prefix can match thousands of resources; ordered by id, only a page of
@@ -589,7 +596,8 @@ def _string_driver(criteria: dict[str, list[Criterion]]) -> Subquery | None:
             or_(*(column.startswith(value, autoescape=True) for value in string.values)),
         )
         .distinct()
-        .subquery("driver")
+        .subquery("driver"),
+        string,
     )
 
 
