@@ -352,7 +352,7 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                 limit=parsed.count + 1,
                 scope=search_repository.UNRESTRICTED,
             )
-            compiled = statement.compile(engine)
+            compiled = statement.compile(engine, compile_kwargs={"render_postcompile": True})
             params = dict(compiled.params)
             with engine.connect() as connection:
                 connection.exec_driver_sql("SET TRANSACTION READ ONLY")

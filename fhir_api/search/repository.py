@@ -132,6 +132,18 @@ def _side(
     )
 
 
+def _starts_with(column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
+    """Match a string prefix, with the pattern written into the SQL text.
+
+    Searches run as prepared statements, and after a few executions PostgreSQL
+    may plan them generically: `LIKE $1` then cannot become the index range that
+    a constant prefix gives (`name=el` on 1M resources: 112 ms instead of 15 ms).
+    """
+    escaped = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+    pattern = bindparam(None, escaped + "%", type_=Text(), literal_execute=True)
+    return column.like(pattern, escape="/")
+
+
 def _like_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -230,7 +242,7 @@ def condition_for(
         elif criterion.mode == "contains":
             match = or_(*(column.contains(v, autoescape=True) for v in criterion.values))
         else:
-            match = or_(*(column.startswith(v, autoescape=True) for v in criterion.values))
+            match = or_(*(_starts_with(column, v) for v in criterion.values))
         return _side(STRINGS, resource, criterion.param, match)
     if isinstance(criterion, DateCriterion):
         if criterion.param is None:
@@ -277,7 +289,7 @@ def _keyed_condition(
 def _uri_match(criterion: UriCriterion) -> ColumnElement[bool]:
     column = URIS.c.uri
     if criterion.mode == "below":
-        return or_(*(column.startswith(v, autoescape=True) for v in criterion.values))
+        return or_(*(_starts_with(column, v) for v in criterion.values))
     if criterion.mode == "above":
         # Every stored uri the value lies below: its prefixes at path boundaries.
         prefixes: list[str] = []
@@ -593,7 +605,7 @@ def _string_driver(
         .where(
             STRINGS.c.resource_type == resource_type,
             STRINGS.c.param == string.param,
-            or_(*(column.startswith(value, autoescape=True) for value in string.values)),
+            or_(*(_starts_with(column, value) for value in string.values)),
         )
         .distinct()
         .subquery("driver"),
@@ -750,7 +762,10 @@ def estimate_matches(
         select(literal(1)).select_from(resource).where(match_condition(resource, criteria, scope))
     )
     connection = session.connection()
-    compiled = statement.compile(dialect=connection.dialect)
+    # Rendered in full: literal_execute prefixes are only written in at execution.
+    compiled = statement.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
     # EXPLAIN plans without running: the estimate costs a planning, not a count.
     plan = connection.exec_driver_sql(
         "EXPLAIN (FORMAT JSON) " + str(compiled), dict(compiled.params)

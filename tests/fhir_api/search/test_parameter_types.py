@@ -26,6 +26,21 @@ def test_string_default_is_case_and_accent_insensitive_prefix(client: TestClient
     assert found(client, "/fhir/Patient?name=idrissi,benali") == {idrissi, accented}
 
 
+def test_string_prefixes_with_quotes_and_like_characters_match_literally(
+    client: TestClient,
+) -> None:
+    # Prefixes are written into the SQL text: quotes and LIKE's own characters must stay data.
+    quoted = create(client, patient("SQ1", family="O'Brien"))
+    percent = create(client, patient("SQ2", family="100%_Sure/Yes"))
+    create(client, patient("SQ3", family="100x Sure"))
+    assert found(client, "/fhir/Patient?family=o'bri") == {quoted}
+    assert found(client, "/fhir/Patient?family=o''bri") == set()
+    assert found(client, "/fhir/Patient?family=100%25_") == {percent}
+    assert found(client, "/fhir/Patient?family=100%25_sure/") == {percent}
+    assert found(client, "/fhir/Patient?family=100_") == set()
+    assert found(client, "/fhir/Patient?family='; DROP TABLE fhir_resource; --") == set()
+
+
 def test_string_exact_and_contains(client: TestClient) -> None:
     idrissi = create(client, patient("SE1", family="El Idrissi"))
     assert found(client, "/fhir/Patient?family:exact=El%20Idrissi") == {idrissi}
