@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -23,13 +23,23 @@ def _break_pooled_connections(settings: Settings) -> int:
     with admin.connect() as connection:
         ended = connection.execute(
             text(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                # Waits up to 5 s for each to end: a backend still alive after the call
+                # would answer one more query and hide the break.
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                "FROM pg_stat_activity "
                 "WHERE datname = :name AND usename = 'waha_app' AND pid <> pg_backend_pid()"
             ),
             {"name": name},
         ).scalar_one()
     admin.dispose()
     return int(ended)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool_afterwards(db_engine: Engine) -> Iterator[None]:
+    """Leave no connection these tests broke in the pool the next tests share."""
+    yield
+    db_engine.dispose()
 
 
 def _count_patients(session: Session) -> int:
