@@ -85,6 +85,10 @@ class EntryRequest:
     if_none_match: str | None = None
     operation: str | None = None
     path: str = ""
+    # The server has just chosen `resource_id` (a random UUID nobody else can
+    # know, as for an uploaded Binary): no other writer can target it, so it
+    # is neither locked nor looked up as an existing version.
+    fresh_id: bool = False
 
 
 @dataclass(slots=True)
@@ -163,7 +167,7 @@ def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
         query = entry.if_none_exist if entry.method == "POST" else entry.query
         if query is not None:
             keys.append(f"cond:{entry.resource_type}?{criteria_module.normalized_query(query)}")
-        elif entry.resource_id is not None:
+        elif entry.resource_id is not None and not entry.fresh_id:
             keys.append(f"res:{entry.resource_type}/{entry.resource_id}")
     return keys
 
@@ -478,6 +482,7 @@ class TransactionEngine:
             (item.entry.resource_type, item.target_id)
             for item in writes
             if item.entry.method != "POST"
+            and not item.entry.fresh_id
             and item.entry.resource_type is not None
             and item.target_id is not None
         ]
