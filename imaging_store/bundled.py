@@ -89,7 +89,8 @@ def _refuse_without_data(session: Session, binary_id: str) -> None:
     # A Binary of the record store is its bytes: one without data is only a
     # new version of a stored one (its metadata, e.g. what record_upload
     # writes itself after adding the row), never a Binary without content.
-    if repository.get_binary_object(session, binary_id) is None:
+    # The session's own row first: record_upload added it just before.
+    if repository.get_binary_object(session, binary_id, use_identity_map=True) is None:
         raise InvalidBinary(
             "Binary.data must carry the content as base64",
             issues=[Issue("required", "Binary.data is missing", DATA_PATH)],
@@ -150,10 +151,7 @@ def store_bundled_binary(
                     ),
                 ),
             )
-            content.file.seek(0)
-            storage.put(
-                row.object_key, content.file, length=content.size, content_type=content_type
-            )
+            content.store(storage, row.object_key, content_type)
             _remove_on_rollback(session, storage, row.object_key)
             log.info(
                 "imaging_store.bundled_binary_stored",

@@ -20,8 +20,16 @@ def add_binary_object(session: Session, row: BinaryObjectRow) -> BinaryObjectRow
     return row
 
 
-def get_binary_object(session: Session, binary_id: str) -> BinaryObjectRow | None:
-    """Return the metadata row of a Binary, deleted or not."""
+def get_binary_object(
+    session: Session, binary_id: str, *, use_identity_map: bool = False
+) -> BinaryObjectRow | None:
+    """Return the metadata row of a Binary, deleted or not.
+
+    With `use_identity_map` a row the session already holds (one it has just
+    added) is returned without a round trip.
+    """
+    if use_identity_map:
+        return session.get(BinaryObjectRow, binary_id)
     return session.execute(
         select(BinaryObjectRow).where(BinaryObjectRow.id == binary_id)
     ).scalar_one_or_none()

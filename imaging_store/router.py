@@ -72,7 +72,7 @@ async def received_upload(
     content_digest: Annotated[str | None, Header(alias="Content-Digest")] = None,
 ) -> AsyncIterator[ReceivedUpload]:
     """Read an upload body (raw bytes or FHIR JSON), checking size and Content-Digest."""
-    digests = service.MessageDigests(service.parse_content_digest(content_digest))
+    wanted_digests = service.parse_content_digest(content_digest)
     limit = settings.max_binary_bytes
     content: service.BinaryContent | None = None
     resource: service.JSONObject | None = None
@@ -80,6 +80,7 @@ async def received_upload(
         if _media_type(request.headers.get("content-type")) in FHIR_JSON_TYPES:
             json_limit = limit * 4 // 3 + JSON_ENVELOPE_BYTES
             _check_declared_length(request, json_limit)
+            digests = service.MessageDigests(wanted_digests)
             body = bytearray()
             async for chunk in request.stream():
                 if len(body) + len(chunk) > json_limit:
@@ -95,6 +96,8 @@ async def received_upload(
         else:
             _check_declared_length(request, limit)
             content = service.BinaryContent(limit=limit)
+            # The body is the content: its SHA-256 is computed once, for both.
+            digests = service.MessageDigests(wanted_digests, content=content)
             async for chunk in request.stream():
                 digests.feed(chunk)
                 content.feed(chunk)
@@ -143,11 +146,11 @@ def upload_binary(
         resource=upload.resource,
     )
     # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
-    media_id = media.record_media_for_binary(
+    media_id = media.record_media_for_upload(
         session,
-        binary_id=stored.id,
-        caller=caller,
-        base_url=settings.fhir_base_url,
+        stored.row,
+        caller,
+        settings.fhir_base_url,
         enforce_referential_integrity=settings.enforce_referential_integrity,
     )
     headers = _version_headers(stored.version_id, _http_date(stored))

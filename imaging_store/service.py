@@ -22,7 +22,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,6 +85,9 @@ class StoredBinary:
     content_type: str
     size: int
     resource: JSONObject
+    # The metadata row, for the upload's Media (media.record_media_for_upload)
+    # without reading back what this unit of work has just written.
+    row: BinaryObjectRow = field(repr=False)
 
 
 @dataclass(slots=True)
@@ -146,11 +149,20 @@ def parse_content_digest(header: str | None) -> dict[str, bytes]:
 
 
 class MessageDigests:
-    """Hash an HTTP body as it arrives and compare it with its Content-Digest."""
+    """Hash an HTTP body as it arrives and compare it with its Content-Digest.
 
-    def __init__(self, wanted: dict[str, bytes]) -> None:
+    Given the ContentDigests fed the very same bytes (a raw upload, whose body
+    is the content), its SHA-256 serves for `sha-256` instead of a second hash.
+    """
+
+    def __init__(self, wanted: dict[str, bytes], *, content: ContentDigests | None = None) -> None:
         self.wanted = wanted
-        self._hashes = {name: hashlib.new(_DIGEST_ALGORITHMS[name]) for name in wanted}
+        self._content = content
+        self._hashes = {
+            name: hashlib.new(_DIGEST_ALGORITHMS[name])
+            for name in wanted
+            if content is None or name != "sha-256"
+        }
 
     def feed(self, chunk: bytes) -> None:
         """Hash one received chunk."""
@@ -160,7 +172,13 @@ class MessageDigests:
     def verify(self) -> None:
         """Raise ContentDigestMismatch unless every announced digest matches."""
         for name, expected in self.wanted.items():
-            if self._hashes[name].digest() != expected:
+            hashed = self._hashes.get(name)
+            if hashed is not None:
+                actual = hashed.digest()
+            else:
+                assert self._content is not None  # noqa: S101 - only sha-256 is lent
+                actual = self._content.sha256
+            if actual != expected:
                 raise ContentDigestMismatch(f"the content does not match its Content-Digest {name}")
 
 
@@ -193,6 +211,17 @@ class ContentDigests:
                 self._valid_text = False
             else:
                 self._valid_text = b"\x00" not in chunk
+
+    def copy(self) -> ContentDigests:
+        """Return an independent copy, to go on from while this state stays as it is."""
+        twin = ContentDigests()
+        twin.size = self.size
+        twin._sha256 = self._sha256.copy()
+        twin._sha1 = self._sha1.copy()
+        twin._head = bytearray(self._head)
+        twin._decoder.setstate(self._decoder.getstate())
+        twin._valid_text = self._valid_text
+        return twin
 
     @property
     def head(self) -> bytes:
@@ -237,6 +266,11 @@ class BinaryContent(ContentDigests):
             raise BinaryTooLarge(f"the content is over the {self.limit}-byte limit")
         self.file.write(chunk)
         super().feed(chunk)
+
+    def store(self, storage: BinaryStorage, key: str, content_type: str) -> None:
+        """Put the spooled bytes at `key`, signed with the SHA-256 already computed."""
+        self.file.seek(0)
+        storage.put(key, self.file, length=self.size, content_type=content_type, sha256=self.sha256)
 
     def close(self) -> None:
         """Free the spool."""
@@ -308,7 +342,11 @@ def record_upload(
     result = fhir_service.run_interaction(
         session,
         EntryRequest(
-            method="PUT", resource_type="Binary", resource_id=binary_id, resource=document
+            method="PUT",
+            resource_type="Binary",
+            resource_id=binary_id,
+            resource=document,
+            fresh_id=True,
         ),
         context=RequestContext(
             client_id=caller.client_id, author=caller.author, request_id=caller.request_id
@@ -317,8 +355,7 @@ def record_upload(
             base_url=base_url, enforce_referential_integrity=enforce_referential_integrity
         ),
     )
-    content.file.seek(0)
-    storage.put(row.object_key, content.file, length=content.size, content_type=content_type)
+    content.store(storage, row.object_key, content_type)
     assert result.version_id is not None and result.last_updated is not None  # noqa: S101
     log.info(
         "imaging_store.binary_stored",
@@ -334,6 +371,7 @@ def record_upload(
         content_type=content_type,
         size=content.size,
         resource=result.resource or document,
+        row=row,
     )
 
 

@@ -11,13 +11,16 @@ import io
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, BinaryIO, cast
 
 import structlog
 import urllib3
 from minio import Minio
+from minio.credentials.credentials import Credentials
 from minio.datatypes import Part
 from minio.error import MinioException, S3Error
+from minio.helpers import DictType
 from minio.sse import SseS3
 
 from imaging_store.errors import StorageUnavailable
@@ -26,6 +29,10 @@ log = structlog.get_logger()
 
 KEY_PREFIX = "binaries/"
 STREAM_CHUNK_BYTES = 64 * 1024
+# S3's largest single PUT. Up to it an object whose SHA-256 is known goes in
+# one request signed with that hash; above it, the SDK's multipart upload.
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+_PAYLOAD_SHA256 = "x-amz-content-sha256"
 # S3 error codes by which a backend says it cannot encrypt at rest (MinIO
 # without a KMS answers NotImplemented; others refuse the header).
 _SSE_REFUSED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "KMS.NotConfigured"}
@@ -50,6 +57,32 @@ class StorageConfig:
     read_timeout_seconds: float = 60.0
 
 
+class _Client(Minio):
+    """The SDK's client, signing with a payload SHA-256 the caller already computed.
+
+    Over http the SDK hashes every body again for the SigV4 payload hash (over
+    https it computes an MD5 instead): a second pass over bytes Waha has just
+    hashed while receiving them. A request that carries `x-amz-content-sha256`
+    is signed with that value, which S3 and MinIO check against the body.
+    """
+
+    def _build_headers(
+        self,
+        host: str,
+        headers: DictType | None = None,
+        body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[DictType, datetime]:
+        payload_sha256 = (headers or {}).get(_PAYLOAD_SHA256)
+        if payload_sha256 is None:
+            return super()._build_headers(host, headers, body, creds)
+        # Without the body the SDK neither hashes it nor measures it: the
+        # caller's headers carry Content-Length, and the hash is put back.
+        built, date = super()._build_headers(host, headers, None, creds)
+        built[_PAYLOAD_SHA256] = payload_sha256
+        return built, date
+
+
 def object_key(binary_id: str) -> str:
     """Return the object key of a Binary: its id only, never patient data."""
     return f"{KEY_PREFIX}{binary_id}"
@@ -66,10 +99,12 @@ class BinaryStorage:
             ),
             maxsize=20,
             retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+            # A body streamed from a spool file goes in 64 KiB sends, not 16 KiB.
+            blocksize=STREAM_CHUNK_BYTES,
         )
         # The region is given so the SDK does not ask the store for the
         # bucket's location before every first call.
-        self.client = Minio(
+        self.client = _Client(
             config.endpoint,
             access_key=config.access_key,
             secret_key=config.secret_key,
@@ -102,13 +137,25 @@ class BinaryStorage:
                 raise self._unavailable(error, "ensure_bucket") from None
             self._bucket_ready = True
 
-    def put(self, key: str, data: IO[bytes], *, length: int, content_type: str) -> None:
-        """Store `length` bytes from `data` under `key`, encrypted at rest where supported."""
+    def put(
+        self,
+        key: str,
+        data: IO[bytes],
+        *,
+        length: int,
+        content_type: str,
+        sha256: bytes | None = None,
+    ) -> None:
+        """Store `length` bytes from `data` under `key`, encrypted at rest where supported.
+
+        `sha256`, the digest of exactly those bytes when the caller has it,
+        spares the SDK a second pass over them and a multipart upload.
+        """
         self.ensure_bucket()
         start = data.tell()
         if self.encrypts_at_rest is not False:
             try:
-                self._put(key, data, length, content_type, encrypt=True)
+                self._put(key, data, length, content_type, sha256=sha256, encrypt=True)
             except S3Error as error:
                 if error.code not in _SSE_REFUSED_CODES:
                     raise self._unavailable(error, "put_object") from None
@@ -127,13 +174,39 @@ class BinaryStorage:
                 self.encrypts_at_rest = True
                 return
         try:
-            self._put(key, data, length, content_type, encrypt=False)
+            self._put(key, data, length, content_type, sha256=sha256, encrypt=False)
         except _TRANSPORT_ERRORS as error:
             raise self._unavailable(error, "put_object") from None
 
     def _put(
-        self, key: str, data: IO[bytes], length: int, content_type: str, *, encrypt: bool
+        self,
+        key: str,
+        data: IO[bytes],
+        length: int,
+        content_type: str,
+        *,
+        sha256: bytes | None,
+        encrypt: bool,
     ) -> None:
+        if sha256 is not None and length <= MAX_SINGLE_PUT_BYTES:
+            headers: DictType = {
+                "Content-Type": content_type,
+                "Content-Length": str(length),
+                _PAYLOAD_SHA256: sha256.hex(),
+            }
+            if encrypt:
+                headers.update(SseS3().headers())
+            self.client._execute(
+                "PUT",
+                self.config.bucket,
+                key,
+                # urllib3 streams the file (and rewinds it for a retry); the SDK
+                # only passes the body on, since it need neither hash nor measure it.
+                body=cast(bytes, data),
+                headers=headers,
+                no_body_trace=True,
+            )
+            return
         self.client.put_object(
             self.config.bucket,
             key,
@@ -208,12 +281,25 @@ class BinaryStorage:
         return str(upload_id)
 
     def upload_part(
-        self, key: str, *, multipart_upload_id: str, part_number: int, data: bytes
+        self,
+        key: str,
+        *,
+        multipart_upload_id: str,
+        part_number: int,
+        data: bytes,
+        sha256: bytes | None = None,
     ) -> str:
-        """Store one part of a multipart upload; return its ETag."""
+        """Store one part of a multipart upload; return its ETag.
+
+        `sha256`, the part's digest when the caller has it, spares the SDK
+        hashing the part again.
+        """
+        headers: DictType | None = None
+        if sha256 is not None:
+            headers = {"Content-Length": str(len(data)), _PAYLOAD_SHA256: sha256.hex()}
         try:
             etag = self.client._upload_part(
-                self.config.bucket, key, data, None, multipart_upload_id, part_number
+                self.config.bucket, key, data, headers, multipart_upload_id, part_number
             )
         except _TRANSPORT_ERRORS as error:
             raise self._unavailable(error, "upload_part") from None

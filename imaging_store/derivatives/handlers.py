@@ -13,6 +13,7 @@ from hub.settings import Settings, get_settings
 from imaging_store import media, retention
 from imaging_store import service as binary_service
 from imaging_store.derivatives import service
+from imaging_store.sniffing import DICOM
 
 TOPIC = RESOURCE_CHANGED
 
@@ -49,12 +50,16 @@ def resource_changed_handler(settings: Settings) -> Handler:
         if payload.get("type") != "Binary" or payload.get("action") != "create":
             return
         binary_id = str(payload["id"])
-        service.make_derivatives(
+        content_type = service.make_derivatives(
             session, storage=storage, binary_id=binary_id, write_settings=write_settings
         )
         # A Media may cite the Binary before its checks ran: bring it the verdict and study.
-        media.apply_quality_to_linked_media(session, binary_id, write_settings=write_settings)
-        media.create_linked_imaging_study(session, binary_id, write_settings=write_settings)
+        # Only a photo has a verdict and only a DICOM file a study, so other
+        # content skips both look-ups (and the row lock the study step takes).
+        if content_type in service.PHOTO_TYPES:
+            media.apply_quality_to_linked_media(session, binary_id, write_settings=write_settings)
+        elif content_type == DICOM:
+            media.create_linked_imaging_study(session, binary_id, write_settings=write_settings)
 
     return handle
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, null, select
@@ -72,7 +73,31 @@ def put_derivative(
         "imaging_study": imaging_study if imaging_study is not None else null(),
         "imaging_study_id": imaging_study_id,
     }
-    statement = insert(BinaryDerivativeRow).values(binary_id=binary_id, kind=kind, **values)
+    _upsert(session, binary_id, [kind], values)
+
+
+def put_derivatives(
+    session: Session, binary_id: str, kinds: Sequence[str], *, status: str, error: str | None
+) -> None:
+    """Insert or replace several derivatives of a Binary in one state, in one statement."""
+    values: dict[str, Any] = {
+        "status": status,
+        "object_key": None,
+        "width": None,
+        "height": None,
+        "size": None,
+        "quality_code": None,
+        "error": error,
+        "imaging_study": null(),
+        "imaging_study_id": None,
+    }
+    _upsert(session, binary_id, kinds, values)
+
+
+def _upsert(session: Session, binary_id: str, kinds: Sequence[str], values: dict[str, Any]) -> None:
+    statement = insert(BinaryDerivativeRow).values(
+        [{"binary_id": binary_id, "kind": kind, **values} for kind in kinds]
+    )
     session.execute(
         statement.on_conflict_do_update(
             index_elements=[BinaryDerivativeRow.binary_id, BinaryDerivativeRow.kind],

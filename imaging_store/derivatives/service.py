@@ -98,16 +98,21 @@ def quality_for_binary(session: Session, binary_id: str) -> str | None:
 
 def make_derivatives(
     session: Session, *, storage: BinaryStorage, binary_id: str, write_settings: WriteSettings
-) -> None:
-    """Make what a newly stored Binary yields: previews and quality, or an ImagingStudy."""
+) -> str | None:
+    """Make what a newly stored Binary yields: previews and quality, or an ImagingStudy.
+
+    Return the Binary's content type (None when it has no row), which tells
+    the caller which follow-up steps can apply.
+    """
     binary = binary_repository.get_binary_object(session, binary_id)
     if binary is None or binary.deleted_at is not None:
         log.info("imaging_store.derivatives_skipped", binary_id=binary_id, reason="no-binary")
-        return
+        return binary.content_type if binary is not None else None
     if binary.content_type in PHOTO_TYPES:
         _make_photo_derivatives(session, storage=storage, binary=binary)
     elif binary.content_type == DICOM:
         _make_dicom_derivatives(session, storage=storage, binary=binary, settings=write_settings)
+    return binary.content_type
 
 
 def _make_photo_derivatives(
@@ -160,8 +165,9 @@ def _make_dicom_derivatives(
             _record_failure(session, binary.id, (THUMBNAIL, PREVIEW, IMAGING_STUDY), error.reason)
             return
         reason = NO_PIXEL_DECODER if summary.has_pixel_data else NO_PIXEL_DATA
-        for kind in PREVIEW_KINDS:
-            repository.put_derivative(session, binary.id, kind, status=NOT_APPLICABLE, error=reason)
+        repository.put_derivatives(
+            session, binary.id, PREVIEW_KINDS, status=NOT_APPLICABLE, error=reason
+        )
         repository.put_derivative(
             session, binary.id, IMAGING_STUDY, status=PENDING, imaging_study=summary.imaging_study
         )
@@ -336,8 +342,7 @@ def _spooled_source(storage: BinaryStorage, binary: BinaryObjectRow) -> Iterator
 
 
 def _record_failure(session: Session, binary_id: str, kinds: tuple[str, ...], reason: str) -> None:
-    for kind in kinds:
-        repository.put_derivative(session, binary_id, kind, status=FAILED, error=reason)
+    repository.put_derivatives(session, binary_id, kinds, status=FAILED, error=reason)
     log.warning("imaging_store.derivatives_failed", binary_id=binary_id, reason=reason)
 
 

@@ -1,10 +1,14 @@
 """Rules of resumable uploads (tus 1.0.0): create, receive, finish into a Binary, expire.
 
 Bytes never sit whole in the API. A PATCH body is cut into S3 multipart parts
-as it streams (S3 wants at least 5 MiB in every part but the last); the bytes
-past the last full part are staged as a small object (`uploads/<id>/tail-…`)
-and put in front of the next PATCH's bytes. The multipart upload assembles
-straight into the Binary's own key `binaries/<binary id>`.
+as it streams (S3 wants at least 5 MiB in every part but the last, and takes
+parts of different sizes): a part goes out once 10 MiB are buffered, keeping
+the last 5 MiB back, so that the PATCH ends with a part of 5 to 10 MiB. Only
+a PATCH that brings fewer than 5 MiB (with what was staged before) leaves
+bytes past its last part; they are staged as a small object
+(`uploads/<id>/tail-…`) and put in front of the next PATCH's bytes. The
+multipart upload assembles straight into the Binary's own key
+`binaries/<binary id>`.
 
 A PATCH may stream for minutes over a rural mobile network, so it holds no
 transaction (nor pooled connection) meanwhile: one short unit of work takes a
@@ -14,10 +18,17 @@ offset advances only in that last step, so a store outage or a checksum
 mismatch leaves the upload where it was; parts a failed PATCH uploaded are
 never listed, and its retry overwrites them under the same part numbers.
 
-Completion re-reads the assembled object once, streamed, for SHA-256, SHA-1,
-the sniffed type and the UTF-8 check: hash states cannot be kept between
-PATCHes that may reach different API processes, and one sequential read of
-the object costs little next to receiving it.
+An upload is hashed, sniffed and UTF-8-checked as it streams when every one
+of its PATCHes reached the same API process (always so for one sent in a
+single PATCH, as small photos are): the process keeps the digest state of
+its uploads in progress, by offset. Otherwise completion re-reads the
+assembled object once, streamed, for the same: hash states cannot be handed
+between processes, and one sequential read costs little next to receiving.
+
+Staged tails are removed by key as soon as a later PATCH has consumed them.
+One left behind by a PATCH that failed between staging and recording goes
+with its upload's prefix when the upload is swept at expiry, completed or
+not, so completion lists nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +37,10 @@ import base64
 import binascii
 import hashlib
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,7 +78,8 @@ from imaging_store.uploads.models import ASSEMBLING, COMPLETED, RECEIVING, TusUp
 
 log = structlog.get_logger()
 
-# S3's smallest part (all but the last); also the most a PATCH buffers in memory.
+# S3's smallest part (all but the last). A PATCH buffers at most twice this
+# (plus one received chunk) before sending a part.
 PART_BYTES = 5 * 1024 * 1024
 STAGING_PREFIX = "uploads/"
 # A lease outlives a crashed API process by this much; a streaming PATCH
@@ -74,6 +88,12 @@ LEASE_DURATION = timedelta(minutes=15)
 LEASE_RENEW_SECONDS = 60.0
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 MAX_METADATA_CHARS = 4096
+# Digest states of uploads in progress whose every byte so far went through
+# this process, by upload id, with the offset they cover (least recently used
+# dropped first); an entry is only ever copied, so a failed PATCH leaves it.
+RUNNING_DIGESTS_MAX = 256
+_running_digests: OrderedDict[str, tuple[int, ContentDigests]] = OrderedDict()
+_running_digests_lock = threading.Lock()
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _METADATA_KEY = re.compile(r"^[^\s,]+$")
 _CONTEXT_TYPES = {"patient": "Patient", "encounter": "Encounter"}
@@ -158,6 +178,8 @@ class _Staged:
     tail_key: str | None
     tail_size: int
     offset: int
+    # The digests of the upload up to `offset`, when this process saw every byte.
+    digests: ContentDigests | None = None
 
 
 def staging_prefix(upload_id: str) -> str:
@@ -331,6 +353,28 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _resume_digests(upload_id: str, offset: int) -> ContentDigests | None:
+    """Return digests to go on from at `offset`: fresh at 0, else this process's if kept."""
+    if offset == 0:
+        return ContentDigests()
+    with _running_digests_lock:
+        entry = _running_digests.get(upload_id)
+    if entry is None or entry[0] != offset:
+        return None
+    return entry[1].copy()
+
+
+def _keep_digests(upload_id: str, offset: int, digests: ContentDigests | None) -> None:
+    """Keep an upload's digests at its recorded offset, or forget them (None, or finished)."""
+    with _running_digests_lock:
+        _running_digests.pop(upload_id, None)
+        if digests is None:
+            return
+        _running_digests[upload_id] = (offset, digests)
+        while len(_running_digests) > RUNNING_DIGESTS_MAX:
+            _running_digests.popitem(last=False)
+
+
 def create_upload(
     session: Session,
     *,
@@ -438,6 +482,8 @@ def receive_chunk(
         _take_lease(row, token=token, now=now)
         claim = _Claim.of(row)
     try:
+        assembling: _Claim | None = None
+        digests: ContentDigests | None = None
         if claim.state == RECEIVING:
             staged = _stage_body(storage, claim, chunks, checksum, token=token)
             with session_scope() as session:
@@ -450,16 +496,26 @@ def receive_chunk(
                 row.expires_at = _now() + settings.expiry
                 if staged.offset == row.length:
                     row.state = ASSEMBLING
+                    # Completion goes on under the same lease, from this state.
+                    assembling = _Claim.of(row)
+                    digests = staged.digests
                 else:
                     row.lease_token = None
                     row.lease_expires_at = None
                 status = _status(row)
+            _keep_digests(upload_id, staged.offset, staged.digests if assembling is None else None)
             if claim.tail_key is not None and claim.tail_key != staged.tail_key:
                 _remove_quietly(storage, claim.tail_key)
             if status.offset < status.length:
                 return status
         return _assemble(
-            storage=storage, upload_id=upload_id, token=token, caller=caller, settings=settings
+            storage=storage,
+            upload_id=upload_id,
+            token=token,
+            caller=caller,
+            settings=settings,
+            claim=assembling,
+            digests=digests,
         )
     except BaseException:
         _release_lease(upload_id, token)
@@ -479,29 +535,39 @@ def _stage_body(
     buffer = bytearray(storage.read_small(claim.tail_key)) if claim.tail_key else bytearray()
     parts = list(claim.parts)
     received = 0
-    body_hash = hashlib.new(checksum.algorithm) if checksum is not None else None
+    # Hashed as it streams, so that completion need not read the object back.
+    digests = _resume_digests(claim.id, claim.offset)
+    # From offset 0 the upload's SHA-256 and SHA-1 are also those of this body.
+    body_hash = (
+        hashlib.new(checksum.algorithm) if checksum is not None and claim.offset > 0 else None
+    )
     renewed_at = time.monotonic()
 
-    def flush_part() -> None:
+    def flush_part(size: int, *, sha256: bytes | None = None) -> None:
         etag = storage.upload_part(
             key,
             multipart_upload_id=claim.multipart_upload_id,
             part_number=len(parts) + 1,
-            data=bytes(buffer),
+            data=bytes(buffer[:size]),
+            sha256=sha256,
         )
-        parts.append({"number": len(parts) + 1, "etag": etag, "size": len(buffer)})
-        buffer.clear()
+        parts.append({"number": len(parts) + 1, "etag": etag, "size": size})
+        del buffer[:size]
 
     try:
         for chunk in chunks:
             received += len(chunk)
             if claim.offset + received > claim.length:
                 raise UploadTooLarge(f"the body goes past Upload-Length {claim.length}")
+            if digests is not None:
+                digests.feed(chunk)
             if body_hash is not None:
                 body_hash.update(chunk)
             buffer += chunk
-            if len(buffer) >= PART_BYTES:
-                flush_part()
+            # PART_BYTES stay behind to join what follows: the PATCH then
+            # ends with a whole part rather than a tail to stage and read back.
+            if len(buffer) >= 2 * PART_BYTES:
+                flush_part(len(buffer) - PART_BYTES)
             if time.monotonic() - renewed_at > LEASE_RENEW_SECONDS:
                 _renew_lease(claim.id, token)
                 renewed_at = time.monotonic()
@@ -511,21 +577,33 @@ def _stage_body(
         if checksum is not None:
             raise
         log.info("imaging_store.upload_interrupted", upload_id=claim.id, received=received)
-    if checksum is not None and body_hash is not None and body_hash.digest() != checksum.digest:
-        raise ChecksumMismatch(f"the body does not match its Upload-Checksum {checksum.algorithm}")
+    if checksum is not None:
+        if body_hash is not None:
+            actual = body_hash.digest()
+        else:
+            assert digests is not None  # noqa: S101 - fresh at offset 0
+            actual = digests.sha256 if checksum.algorithm == "sha256" else digests.sha1
+        if actual != checksum.digest:
+            raise ChecksumMismatch(
+                f"the body does not match its Upload-Checksum {checksum.algorithm}"
+            )
     if received == 0:
-        return _Staged(claim.parts, claim.tail_key, claim.tail_size, claim.offset)
+        return _Staged(claim.parts, claim.tail_key, claim.tail_size, claim.offset, digests)
     offset = claim.offset + received
     if offset == claim.length:
         if buffer:
-            flush_part()
-        return _Staged(parts, None, 0, offset)
+            # A single part is the whole object, whose SHA-256 is known.
+            whole = digests.sha256 if digests is not None and not parts else None
+            flush_part(len(buffer), sha256=whole)
+        return _Staged(parts, None, 0, offset, digests)
+    if len(buffer) >= PART_BYTES:
+        flush_part(len(buffer))
     if not buffer:
-        return _Staged(parts, None, 0, offset)
+        return _Staged(parts, None, 0, offset, digests)
     # A fresh key per PATCH: the recorded tail stays intact until this one is committed.
     tail_key = f"{staging_prefix(claim.id)}tail-{uuid.uuid4().hex}"
     storage.put_bytes(tail_key, bytes(buffer))
-    return _Staged(parts, tail_key, len(buffer), offset)
+    return _Staged(parts, tail_key, len(buffer), offset, digests)
 
 
 def _assemble(
@@ -535,10 +613,17 @@ def _assemble(
     token: uuid.UUID,
     caller: Caller,
     settings: UploadSettings,
+    claim: _Claim | None = None,
+    digests: ContentDigests | None = None,
 ) -> UploadStatus:
-    """Complete the multipart object, check it, and record it as a Binary (lease held)."""
-    with session_scope() as session:
-        claim = _Claim.of(_leased_row(session, upload_id, token))
+    """Complete the multipart object, check it, and record it as a Binary (lease held).
+
+    `claim` is the upload as the PATCH that filled it just recorded it, and
+    `digests` those of all its bytes when this process saw every one.
+    """
+    if claim is None:
+        with session_scope() as session:
+            claim = _Claim.of(_leased_row(session, upload_id, token))
     key = object_key(claim.binary_id)
     numbered = [(int(part["number"]), str(part["etag"])) for part in claim.parts]
     # False when a previous attempt completed it and then failed later on.
@@ -547,9 +632,10 @@ def _assemble(
     ) and not storage.exists(key):
         log.error("imaging_store.upload_parts_missing", upload_id=upload_id)
         raise StorageUnavailable("the upload's parts are missing from object storage")
-    digests = ContentDigests()
-    for chunk in storage.open(key):
-        digests.feed(chunk)
+    if digests is None:
+        digests = ContentDigests()
+        for chunk in storage.open(key):
+            digests.feed(chunk)
     try:
         content_type = sniff_content_type(digests.head, valid_text=digests.valid_text)
     except ContentTypeNotAllowed:
@@ -562,7 +648,7 @@ def _assemble(
         raise
     with session_scope() as session:
         row = _leased_row(session, upload_id, token)
-        _record_binary(
+        binary_row = _record_binary(
             session,
             row=row,
             content_type=content_type,
@@ -572,11 +658,11 @@ def _assemble(
         )
         # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
         encounter = parse_upload_metadata(row.upload_metadata).get("encounter")
-        media.record_media_for_binary(
+        media.record_media_for_upload(
             session,
-            binary_id=row.binary_id,
-            caller=caller,
-            base_url=settings.base_url,
+            binary_row,
+            caller,
+            settings.base_url,
             enforce_referential_integrity=settings.enforce_referential_integrity,
             encounter_id=encounter.removeprefix("Encounter/") if encounter else None,
         )
@@ -588,7 +674,6 @@ def _assemble(
         # A finished upload answers HEAD (with its Binary) this long, then goes.
         row.expires_at = _now() + settings.expiry
         status = _status(row)
-    _remove_prefix_quietly(storage, staging_prefix(upload_id))
     log.info(
         "imaging_store.upload_completed",
         upload_id=upload_id,
@@ -608,7 +693,7 @@ def _record_binary(
     digests: ContentDigests,
     caller: Caller,
     settings: UploadSettings,
-) -> None:
+) -> BinaryObjectRow:
     """Write the binary_object row and the data-less Binary, as POST /fhir/Binary does."""
     document: dict[str, Any] = {
         "resourceType": "Binary",
@@ -617,7 +702,7 @@ def _record_binary(
     }
     if row.security_context is not None:
         document["securityContext"] = {"reference": row.security_context}
-    binary_repository.add_binary_object(
+    binary_row = binary_repository.add_binary_object(
         session,
         BinaryObjectRow(
             id=row.binary_id,
@@ -633,7 +718,12 @@ def _record_binary(
     fhir_service.run_interaction(
         session,
         EntryRequest(
-            method="PUT", resource_type="Binary", resource_id=row.binary_id, resource=document
+            method="PUT",
+            resource_type="Binary",
+            resource_id=row.binary_id,
+            resource=document,
+            # Chosen at the upload's creation, never known to another writer.
+            fresh_id=True,
         ),
         context=_request_context(caller),
         settings=WriteSettings(
@@ -641,6 +731,7 @@ def _record_binary(
             enforce_referential_integrity=settings.enforce_referential_integrity,
         ),
     )
+    return binary_row
 
 
 def terminate_upload(
@@ -675,6 +766,10 @@ def sweep_expired_uploads(
     for row in repository.lock_expired_uploads(session, now=now, limit=limit):
         if row.state != COMPLETED:
             _discard_objects(storage, row)
+        else:
+            # A tail staged by a PATCH that then failed was never recorded; its
+            # upload's prefix goes now (completion does not list it).
+            _remove_prefix_quietly(storage, staging_prefix(row.id))
         repository.delete_upload(session, row.id)
         swept += 1
     if swept:

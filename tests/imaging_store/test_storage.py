@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
+import minio.api
+import minio.helpers
 import pytest
 from minio import Minio
 
@@ -126,3 +130,88 @@ def test_a_store_that_is_down_fails_fast_as_unavailable(settings: Settings) -> N
 
 def test_prepare_storage_does_not_raise_when_the_store_is_down(settings: Settings) -> None:
     service.prepare_storage(settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{free_port()}"}))
+
+
+def test_a_known_sha256_goes_in_one_put_and_is_not_hashed_again(
+    settings: Settings, s3: Minio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over 5 MiB, where the SDK would cut parts, and from a spool file on disk.
+    content = uuid.uuid4().bytes * (6 * 1024 * 1024 // 16 + 3)
+    hashed: list[int] = []
+    original_hash = minio.helpers.sha256_hash
+
+    def recording_hash(data: bytes | str | None) -> str:
+        hashed.append(len(data or b""))
+        return original_hash(data)
+
+    def no_multipart(*_: object, **__: object) -> None:
+        raise AssertionError("a known digest must not go through put_object")
+
+    monkeypatch.setattr(minio.api, "sha256_hash", recording_hash)
+    storage = BinaryStorage(_config(settings))
+    monkeypatch.setattr(storage.client, "put_object", no_multipart)
+    with tempfile.SpooledTemporaryFile(max_size=1024) as spool:
+        spool.write(content)
+        spool.seek(0)
+        storage.put(
+            "binaries/known-digest",
+            spool,
+            length=len(content),
+            content_type="image/jpeg",
+            sha256=hashlib.sha256(content).digest(),
+        )
+    assert max(hashed, default=0) == 0
+    assert b"".join(storage.open("binaries/known-digest")) == content
+    assert s3.stat_object(settings.s3_bucket, "binaries/known-digest").content_type == "image/jpeg"
+
+
+def test_a_known_sha256_signs_a_multipart_part(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[int] = []
+    original_hash = minio.helpers.sha256_hash
+
+    def recording_hash(data: bytes | str | None) -> str:
+        hashed.append(len(data or b""))
+        return original_hash(data)
+
+    storage = BinaryStorage(_config(settings))
+    key = f"binaries/{uuid.uuid4()}"
+    upload_id = storage.start_multipart(key, content_type="application/octet-stream")
+    monkeypatch.setattr(minio.api, "sha256_hash", recording_hash)
+    etag = storage.upload_part(
+        key,
+        multipart_upload_id=upload_id,
+        part_number=1,
+        data=b"abc",
+        sha256=hashlib.sha256(b"abc").digest(),
+    )
+    monkeypatch.undo()
+    assert max(hashed, default=0) == 0
+    assert storage.complete_multipart(key, multipart_upload_id=upload_id, parts=[(1, etag)])
+    assert b"".join(storage.open(key)) == b"abc"
+
+
+def test_a_store_without_encryption_gets_a_known_digest_upload_from_the_start(
+    settings: Settings,
+) -> None:
+    # The refused first attempt read the file; the second one must send it whole again.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoEncryptionS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    content = b"0123456789" * 10_000
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        storage = BinaryStorage(_config(settings, endpoint=endpoint, bucket="no-kms"))
+        storage.put(
+            "binaries/four",
+            io.BytesIO(content),
+            length=len(content),
+            content_type="text/plain",
+            sha256=hashlib.sha256(content).digest(),
+        )
+        assert storage.encrypts_at_rest is False
+        assert _NoEncryptionS3.stored["/no-kms/binaries/four"] == content
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -24,6 +24,8 @@ from tusclient.exceptions import TusCommunicationError
 
 from hub.settings import Settings
 from imaging_store.service import binary_storage
+from imaging_store.storage import BinaryStorage
+from imaging_store.uploads import service as uploads_service
 from imaging_store.uploads.router import router as uploads_router
 from imaging_store.uploads.service import PART_BYTES, sweep_expired_uploads
 from tests.imaging_store import samples
@@ -432,10 +434,12 @@ def test_termination_removes_the_upload_and_its_parts(
     uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
 ) -> None:
     headers = auth_headers("unit-01")
-    # One full part and a staged tail (the request's chunking decides where the part ends).
-    content = _content(PART_BYTES + 1024 * 1024)
+    # One part (the first PATCH brings over 5 MiB), then a staged tail (the second fewer).
+    content = _content(PART_BYTES + 2 * 1024 * 1024)
     upload_url = _create(uploads_url, len(content) + 1, headers)
-    assert _patch(upload_url, content, 0, headers).status_code == 204
+    first = PART_BYTES + 1024 * 1024
+    assert _patch(upload_url, content[:first], 0, headers).status_code == 204
+    assert _patch(upload_url, content[first:], first, headers).status_code == 204
     binary_key = _binary_key(committed, upload_url)
     assert _staged_keys(s3, settings, upload_url)
     assert binary_key in _assembling_keys(s3, settings)
@@ -581,3 +585,100 @@ def test_metadata_naming_a_patient_sets_the_binary_security_context(
     again = _patch(upload_url, b"", len(content), headers)
     assert again.status_code == 204
     assert again.headers["Waha-Binary"] == finished.headers["Waha-Binary"]
+
+
+def _binary_object(engine: Engine, binary: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(
+            text("SELECT sha256, sha1, size, content_type FROM binary_object WHERE id = :id"),
+            {"id": binary.removeprefix("Binary/")},
+        ).one()
+
+
+def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
+    uploads_url: str, auth_headers: Headers, committed: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    original_open = BinaryStorage.open
+
+    def recording_open(storage: BinaryStorage, key: str) -> Iterator[bytes]:
+        reads.append(key)
+        return original_open(storage, key)
+
+    monkeypatch.setattr(BinaryStorage, "open", recording_open)
+    headers = auth_headers("unit-01")
+    whole = _content(300_000)
+    upload_url = _create(uploads_url, len(whole), headers)
+    finished = _patch(upload_url, whole, 0, headers)
+    assert finished.status_code == 204, finished.text
+    # Completion read nothing back: the one PATCH saw every byte.
+    assert not [key for key in reads if key.startswith("binaries/")]
+    stored = _binary_object(committed, finished.headers["Waha-Binary"])
+    assert bytes(stored.sha256) == hashlib.sha256(whole).digest()
+    assert bytes(stored.sha1) == hashlib.sha1(whole).digest()  # noqa: S324 - R4 Attachment.hash
+    assert (stored.size, stored.content_type) == (len(whole), "image/jpeg")
+
+    # In two PATCHes to the same process the digests go on from one to the next.
+    upload_url = _create(uploads_url, len(whole), headers)
+    assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
+    finished = _patch(upload_url, whole[100_000:], 100_000, headers)
+    assert finished.status_code == 204, finished.text
+    assert not [key for key in reads if key.startswith("binaries/")]
+    again = _binary_object(committed, finished.headers["Waha-Binary"])
+    assert (bytes(again.sha256), bytes(again.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
+
+    # A PATCH that reaches a process which did not see the first bytes (here:
+    # one that forgot them) reads the object back once, with the same result.
+    upload_url = _create(uploads_url, len(whole), headers)
+    assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
+    uploads_service._running_digests.clear()
+    finished = _patch(upload_url, whole[100_000:], 100_000, headers)
+    assert finished.status_code == 204, finished.text
+    assert len([key for key in reads if key.startswith("binaries/")]) == 1
+    third = _binary_object(committed, finished.headers["Waha-Binary"])
+    assert (bytes(third.sha256), bytes(third.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
+
+
+def test_a_patch_of_over_5_mib_ends_with_a_part_not_a_staged_tail(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    content = _content(PART_BYTES + 3 * 1024 * 1024 + 777)
+    upload_url = _create(uploads_url, len(content), headers)
+    first = PART_BYTES + 3 * 1024 * 1024
+    assert _patch(upload_url, content[:first], 0, headers).status_code == 204
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    assert [part["size"] for part in row["parts"]] == [first]
+    assert row["tail_key"] is None
+    assert _staged_keys(s3, settings, upload_url) == set()
+    finished = _patch(upload_url, content[first:], first, headers)
+    assert finished.status_code == 204, finished.text
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+
+
+def test_a_tail_left_by_a_failed_patch_goes_when_the_finished_upload_is_swept(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    content = _content(10_000)
+    upload_url = _create(uploads_url, len(content), headers)
+    upload_id = upload_url.rsplit("/", 1)[1]
+    # What a PATCH that failed between staging its tail and recording it leaves.
+    orphan = f"uploads/{upload_id}/tail-{'0' * 32}"
+    binary_storage(settings).put_bytes(orphan, b"staged, never recorded")
+    assert _patch(upload_url, content, 0, headers).status_code == 204
+    # Completion lists nothing under the upload's prefix; the sweep at expiry does.
+    assert _staged_keys(s3, settings, upload_url) == {orphan}
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
+            {"id": upload_id},
+        )
+    with Session(committed) as session, session.begin():
+        swept = sweep_expired_uploads(
+            session, storage=binary_storage(settings), now=datetime.now(UTC)
+        )
+    assert swept == 1
+    assert _staged_keys(s3, settings, upload_url) == set()
