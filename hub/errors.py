@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger()
@@ -154,6 +155,20 @@ def install_error_handlers(app: FastAPI) -> None:
         rendered = render_error(request, error.status_code, issues, code)
         if error.headers:
             rendered.headers.update(error.headers)
+        return _respond(rendered)
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(request: Request, error: OperationalError) -> Response:
+        # A lost or refused database connection: nothing was committed, and the
+        # pool is renewed, so the same request is worth sending again.
+        log.warning(
+            "hub.database_unavailable",
+            error_type=type(error.orig).__name__,
+            connection_invalidated=error.connection_invalidated,
+        )
+        issues = [Issue("transient", "the database is unavailable; retry the request")]
+        rendered = render_error(request, 503, issues, "database-unavailable")
+        rendered.headers["Retry-After"] = "1"
         return _respond(rendered)
 
     @app.exception_handler(Exception)

@@ -100,3 +100,23 @@ def test_the_audit_trail_survives_a_restart(
     with committed.connect() as connection:
         events = connection.execute(text("SELECT count(*) FROM audit_event")).scalar_one()
     assert events == 2  # both refusals are in the trail
+
+
+def test_a_write_on_a_broken_connection_fails_once_and_retries_cleanly(
+    live_server: str,
+    committed: Engine,
+    settings: Settings,
+    auth_headers: Callable[[str], dict[str, str]],
+) -> None:
+    with httpx.Client(base_url=live_server, headers=auth_headers("admin"), timeout=30) as api:
+        assert api.get("/fhir/Patient?identifier=RESTART2").status_code == 200
+        assert _break_pooled_connections(settings) >= 1
+        first = api.post("/fhir/Patient", json=patient("RESTART2"))
+        # Nothing was written: the client is told to retry, and the retry stores it once.
+        assert first.status_code == 503, first.text
+        assert first.headers["retry-after"] == "1"
+        assert first.json()["issue"][0]["code"] == "transient"
+        again = api.post("/fhir/Patient", json=patient("RESTART2"))
+        assert again.status_code == 201, again.text
+        found = api.get("/fhir/Patient?identifier=RESTART2&_total=accurate").json()
+        assert found["total"] == 1
