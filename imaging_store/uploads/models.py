@@ -38,10 +38,12 @@ class TusUploadRow(Base):
     upload_metadata: Mapped[str | None] = mapped_column(Text)
     security_context: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(Text, server_default=text("'receiving'"))
-    # Chosen at creation: the multipart upload assembles straight into the
-    # Binary's own object key, so completion copies nothing.
+    # Chosen at creation: the object is stored (or assembled) straight under the
+    # Binary's own key, so completion copies nothing.
     binary_id: Mapped[str] = mapped_column(Text, unique=True)
-    multipart_upload_id: Mapped[str] = mapped_column(Text)
+    # Opened when the first part goes out; an upload whose bytes all arrive
+    # before that (most photos) is stored with one PUT and never has one.
+    multipart_upload_id: Mapped[str | None] = mapped_column(Text)
     # [{"number": n, "etag": "...", "size": bytes}] of the parts stored so far.
     parts: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'"))
     # Bytes past the last part (fewer than S3's 5 MiB part minimum), staged as an object.

@@ -135,7 +135,6 @@ def create_upload(
     session: SessionDep,
     settings: SettingsDep,
     caller: CallerDep,
-    upload_storage: StorageDep,
     upload_length: Annotated[str | None, Header(alias="Upload-Length")] = None,
     upload_defer_length: Annotated[str | None, Header(alias="Upload-Defer-Length")] = None,
     upload_metadata: Annotated[str | None, Header(alias="Upload-Metadata")] = None,
@@ -143,7 +142,6 @@ def create_upload(
     """Start a resumable upload (tus creation); answer its URL."""
     status = service.create_upload(
         session,
-        storage=upload_storage,
         caller=caller,
         upload_length=upload_length,
         defer_length=upload_defer_length,

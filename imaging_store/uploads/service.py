@@ -8,7 +8,9 @@ a PATCH that brings fewer than 5 MiB (with what was staged before) leaves
 bytes past its last part; they are staged as a small object
 (`uploads/<id>/tail-…`) and put in front of the next PATCH's bytes. The
 multipart upload assembles straight into the Binary's own key
-`binaries/<binary id>`.
+`binaries/<binary id>`, and is opened only when a first part goes out: an
+upload whose bytes are all in hand before that (a photo sent in one PATCH,
+up to 10 MiB) is stored with a single PUT, one S3 request instead of three.
 
 A PATCH may stream for minutes over a rural mobile network, so it holds no
 transaction (nor pooled connection) meanwhile: one short unit of work takes a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
 import threading
 import time
@@ -87,6 +90,8 @@ STAGING_PREFIX = "uploads/"
 LEASE_DURATION = timedelta(minutes=15)
 LEASE_RENEW_SECONDS = 60.0
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+# The type is sniffed at completion; until then the object is opaque bytes.
+OPAQUE_CONTENT_TYPE = "application/octet-stream"
 MAX_METADATA_CHARS = 4096
 # Digest states of uploads in progress whose every byte so far went through
 # this process, by upload id, with the offset they cover (least recently used
@@ -150,7 +155,7 @@ class _Claim:
     length: int
     offset: int
     binary_id: str
-    multipart_upload_id: str
+    multipart_upload_id: str | None
     parts: list[dict[str, Any]]
     tail_key: str | None
     tail_size: int
@@ -174,6 +179,7 @@ class _Claim:
 class _Staged:
     """What one PATCH stored: its parts, its new tail and the new offset."""
 
+    multipart_upload_id: str | None
     parts: list[dict[str, Any]]
     tail_key: str | None
     tail_size: int
@@ -378,7 +384,6 @@ def _keep_digests(upload_id: str, offset: int, digests: ContentDigests | None) -
 def create_upload(
     session: Session,
     *,
-    storage: BinaryStorage,
     caller: Caller,
     upload_length: str | None,
     defer_length: str | None,
@@ -386,15 +391,11 @@ def create_upload(
     settings: UploadSettings,
     now: datetime,
 ) -> UploadStatus:
-    """Start a resumable upload: check its headers, open its multipart upload, record it."""
+    """Start a resumable upload: check its headers and record it (S3 sees nothing yet)."""
     length = parse_upload_length(upload_length, defer_length=defer_length, limit=settings.max_bytes)
     metadata = parse_upload_metadata(upload_metadata)
     security_context = _security_context(session, metadata, caller=caller, settings=settings)
     binary_id = str(uuid.uuid4())
-    # The type is sniffed at completion; until then the object is opaque bytes.
-    multipart_upload_id = storage.start_multipart(
-        object_key(binary_id), content_type="application/octet-stream"
-    )
     row = repository.add_upload(
         session,
         TusUploadRow(
@@ -406,7 +407,7 @@ def create_upload(
             security_context=security_context,
             state=RECEIVING,
             binary_id=binary_id,
-            multipart_upload_id=multipart_upload_id,
+            multipart_upload_id=None,
             parts=[],
             tail_key=None,
             tail_size=0,
@@ -488,6 +489,7 @@ def receive_chunk(
             staged = _stage_body(storage, claim, chunks, checksum, token=token)
             with session_scope() as session:
                 row = _leased_row(session, upload_id, token)
+                row.multipart_upload_id = staged.multipart_upload_id
                 row.parts = staged.parts
                 row.tail_key = staged.tail_key
                 row.tail_size = staged.tail_size
@@ -534,6 +536,7 @@ def _stage_body(
     key = object_key(claim.binary_id)
     buffer = bytearray(storage.read_small(claim.tail_key)) if claim.tail_key else bytearray()
     parts = list(claim.parts)
+    multipart_upload_id = claim.multipart_upload_id
     received = 0
     # Hashed as it streams, so that completion need not read the object back.
     digests = _resume_digests(claim.id, claim.offset)
@@ -544,9 +547,12 @@ def _stage_body(
     renewed_at = time.monotonic()
 
     def flush_part(size: int, *, sha256: bytes | None = None) -> None:
+        nonlocal multipart_upload_id
+        if multipart_upload_id is None:
+            multipart_upload_id = _open_multipart(storage, claim, token=token)
         etag = storage.upload_part(
             key,
-            multipart_upload_id=claim.multipart_upload_id,
+            multipart_upload_id=multipart_upload_id,
             part_number=len(parts) + 1,
             data=bytes(buffer[:size]),
             sha256=sha256,
@@ -588,22 +594,47 @@ def _stage_body(
                 f"the body does not match its Upload-Checksum {checksum.algorithm}"
             )
     if received == 0:
-        return _Staged(claim.parts, claim.tail_key, claim.tail_size, claim.offset, digests)
+        return _Staged(
+            multipart_upload_id, claim.parts, claim.tail_key, claim.tail_size, claim.offset, digests
+        )
     offset = claim.offset + received
     if offset == claim.length:
-        if buffer:
-            # A single part is the whole object, whose SHA-256 is known.
-            whole = digests.sha256 if digests is not None and not parts else None
-            flush_part(len(buffer), sha256=whole)
-        return _Staged(parts, None, 0, offset, digests)
+        if multipart_upload_id is None:
+            # Every byte is in hand and no part went out: one PUT is the object,
+            # signed with its SHA-256 when this process saw every byte.
+            whole = digests.sha256 if digests is not None else None
+            storage.put(
+                key,
+                io.BytesIO(buffer),
+                length=len(buffer),
+                content_type=OPAQUE_CONTENT_TYPE,
+                sha256=whole,
+            )
+        elif buffer:
+            flush_part(len(buffer))
+        return _Staged(multipart_upload_id, parts, None, 0, offset, digests)
     if len(buffer) >= PART_BYTES:
         flush_part(len(buffer))
     if not buffer:
-        return _Staged(parts, None, 0, offset, digests)
+        return _Staged(multipart_upload_id, parts, None, 0, offset, digests)
     # A fresh key per PATCH: the recorded tail stays intact until this one is committed.
     tail_key = f"{staging_prefix(claim.id)}tail-{uuid.uuid4().hex}"
     storage.put_bytes(tail_key, bytes(buffer))
-    return _Staged(parts, tail_key, len(buffer), offset, digests)
+    return _Staged(multipart_upload_id, parts, tail_key, len(buffer), offset, digests)
+
+
+def _open_multipart(storage: BinaryStorage, claim: _Claim, *, token: uuid.UUID) -> str:
+    """Open the upload's multipart upload and record it at once, before any part goes out.
+
+    Recorded at once, not with the PATCH's other changes: if the PATCH fails
+    later, the expiry sweep still knows the multipart upload to abort.
+    """
+    multipart_upload_id = storage.start_multipart(
+        object_key(claim.binary_id), content_type=OPAQUE_CONTENT_TYPE
+    )
+    with session_scope() as session:
+        _leased_row(session, claim.id, token).multipart_upload_id = multipart_upload_id
+    return multipart_upload_id
 
 
 def _assemble(
@@ -625,13 +656,19 @@ def _assemble(
         with session_scope() as session:
             claim = _Claim.of(_leased_row(session, upload_id, token))
     key = object_key(claim.binary_id)
-    numbered = [(int(part["number"]), str(part["etag"])) for part in claim.parts]
-    # False when a previous attempt completed it and then failed later on.
-    if not storage.complete_multipart(
-        key, multipart_upload_id=claim.multipart_upload_id, parts=numbered
-    ) and not storage.exists(key):
-        log.error("imaging_store.upload_parts_missing", upload_id=upload_id)
-        raise StorageUnavailable("the upload's parts are missing from object storage")
+    if claim.multipart_upload_id is None:
+        # Stored whole by one PUT; only an interrupted completion needs to check.
+        if digests is None and not storage.exists(key):
+            log.error("imaging_store.upload_object_missing", upload_id=upload_id)
+            raise StorageUnavailable("the upload's object is missing from object storage")
+    else:
+        numbered = [(int(part["number"]), str(part["etag"])) for part in claim.parts]
+        # False when a previous attempt completed it and then failed later on.
+        if not storage.complete_multipart(
+            key, multipart_upload_id=claim.multipart_upload_id, parts=numbered
+        ) and not storage.exists(key):
+            log.error("imaging_store.upload_parts_missing", upload_id=upload_id)
+            raise StorageUnavailable("the upload's parts are missing from object storage")
     if digests is None:
         digests = ContentDigests()
         for chunk in storage.open(key):
@@ -751,10 +788,11 @@ def terminate_upload(
 
 def _discard_objects(storage: BinaryStorage, row: TusUploadRow) -> None:
     key = object_key(row.binary_id)
-    storage.abort_multipart(key, multipart_upload_id=row.multipart_upload_id)
-    if row.state == ASSEMBLING:
-        # Completed in S3 but never recorded as a Binary: nobody can reach it.
-        storage.remove(key)
+    if row.multipart_upload_id is not None:
+        storage.abort_multipart(key, multipart_upload_id=row.multipart_upload_id)
+    # An object there (assembled, or stored whole by a PATCH that failed before
+    # recording it) was never recorded as a Binary: nobody can reach it.
+    storage.remove(key)
     storage.remove_prefix(staging_prefix(row.id))
 
 

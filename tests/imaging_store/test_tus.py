@@ -497,11 +497,12 @@ def test_object_store_down_answers_503_and_keeps_the_offset(
     # The same upload reached through an API process whose object store is down.
     down = f"{s3_down_uploads_url}/{upload_id}"
     _assert_problem(_patch(down, content[10_000:], 10_000, headers), 503, "storage-unavailable")
+    # Creation touches no object store; the first PATCH is what meets the outage.
+    created_while_down = _create(s3_down_uploads_url, 10, headers)
     _assert_problem(
-        httpx.post(s3_down_uploads_url, headers={**TUS, **headers, "Upload-Length": "10"}),
-        503,
-        "storage-unavailable",
+        _patch(created_while_down, b"0123456789", 0, headers), 503, "storage-unavailable"
     )
+    assert _head(created_while_down, headers).headers["Upload-Offset"] == "0"
     assert _head(upload_url, headers).headers["Upload-Offset"] == "10000"
 
     finished = _patch(upload_url, content[10_000:], 10_000, headers)
@@ -517,12 +518,19 @@ def test_expired_uploads_answer_410_and_are_swept(
     expiring = _create(uploads_url, 10_000, headers)
     assert _patch(expiring, _content(3_000), 0, headers).status_code == 204
     expiring_key = _binary_key(committed, expiring)
+    # Past 10 MiB a part goes out: this one has an open multipart upload to abort.
+    big = _create(uploads_url, 3 * PART_BYTES, headers)
+    assert _patch(big, _content(2 * PART_BYTES), 0, headers).status_code == 204
+    big_key = _binary_key(committed, big)
+    assert big_key in _assembling_keys(s3, settings)
     kept = _create(uploads_url, 10_000, headers)
-    kept_key = _binary_key(committed, kept)
     with committed.begin() as connection:
         connection.execute(
-            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
-            {"id": expiring.rsplit("/", 1)[1]},
+            text(
+                "UPDATE tus_upload SET expires_at = now() - interval '1 minute' "
+                "WHERE id IN (:expiring, :big)"
+            ),
+            {"expiring": expiring.rsplit("/", 1)[1], "big": big.rsplit("/", 1)[1]},
         )
     _assert_problem(_head(expiring, headers), 410, "upload-expired")
     _assert_problem(_patch(expiring, b"x", 3_000, headers), 410, "upload-expired")
@@ -532,12 +540,13 @@ def test_expired_uploads_answer_410_and_are_swept(
         swept = sweep_expired_uploads(
             session, storage=binary_storage(settings), now=datetime.now(UTC)
         )
-    assert swept == 1
+    assert swept == 2
     assert _upload_row(committed, expiring) is None
+    assert _upload_row(committed, big) is None
     assert _upload_row(committed, kept) is not None
     assert _staged_keys(s3, settings, expiring) == set()
     assert expiring_key not in _assembling_keys(s3, settings)
-    assert kept_key in _assembling_keys(s3, settings)
+    assert big_key not in _assembling_keys(s3, settings)
     _assert_problem(_head(expiring, headers), 404, "upload-not-found")
 
 
@@ -682,3 +691,96 @@ def test_a_tail_left_by_a_failed_patch_goes_when_the_finished_upload_is_swept(
         )
     assert swept == 1
     assert _staged_keys(s3, settings, upload_url) == set()
+
+
+def test_an_upload_that_arrives_whole_is_stored_with_one_put(
+    uploads_url: str,
+    auth_headers: Headers,
+    s3: Minio,
+    settings: Settings,
+    committed: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, str]] = []
+    for name in ("put", "start_multipart", "upload_part", "complete_multipart"):
+        original = getattr(BinaryStorage, name)
+
+        def recording(
+            storage: BinaryStorage,
+            key: str,
+            *args: Any,
+            _name: str = name,
+            _original: Any = original,
+            **kwargs: Any,
+        ) -> Any:
+            calls.append((_name, key))
+            return _original(storage, key, *args, **kwargs)
+
+        monkeypatch.setattr(BinaryStorage, name, recording)
+
+    def upload_calls(upload_url: str) -> list[tuple[str, str]]:
+        # Derivatives made meanwhile are stored under keys of their own.
+        binary_key = _binary_key(committed, upload_url)
+        staging = f"uploads/{upload_url.rsplit('/', 1)[1]}/"
+        return [
+            (name, "binary" if key == binary_key else "staged")
+            for name, key in calls
+            if key == binary_key or key.startswith(staging)
+        ]
+
+    headers = auth_headers("unit-01")
+    photo = _content(1024 * 1024)
+    upload_url = _create(uploads_url, len(photo), headers)
+    assert calls == []  # creation asks nothing of the object store
+    finished = _patch(upload_url, photo, 0, headers)
+    assert finished.status_code == 204, finished.text
+    assert upload_calls(upload_url) == [("put", "binary")]
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    assert row["multipart_upload_id"] is None
+    assert _binary_key(committed, upload_url) not in _assembling_keys(s3, settings)
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == photo
+
+    # In two small PATCHes: the first stages a tail, the second puts the whole.
+    upload_url = _create(uploads_url, len(photo), headers)
+    assert _patch(upload_url, photo[:300_000], 0, headers).status_code == 204
+    finished = _patch(upload_url, photo[300_000:], 300_000, headers)
+    assert finished.status_code == 204, finished.text
+    assert upload_calls(upload_url) == [("put", "staged"), ("put", "binary")]
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == photo
+
+    # Over two parts' worth in one PATCH: a multipart upload, opened with the first part.
+    large = _content(2 * PART_BYTES + 1024)
+    upload_url = _create(uploads_url, len(large), headers)
+    finished = _patch(upload_url, large, 0, headers)
+    assert finished.status_code == 204, finished.text
+    assert upload_calls(upload_url) == [
+        ("start_multipart", "binary"),
+        ("upload_part", "binary"),
+        ("upload_part", "binary"),
+        ("complete_multipart", "binary"),
+    ]
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == large
+
+
+def test_an_object_put_whole_but_never_recorded_goes_when_its_upload_expires(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 10_000, headers)
+    binary_key = _binary_key(committed, upload_url)
+    # What a PATCH that died between its PUT and recording the offset leaves.
+    binary_storage(settings).put_bytes(binary_key, _content(10_000))
+    assert binary_key in stored_keys(s3, settings)
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
+            {"id": upload_url.rsplit("/", 1)[1]},
+        )
+    with Session(committed) as session, session.begin():
+        swept = sweep_expired_uploads(
+            session, storage=binary_storage(settings), now=datetime.now(UTC)
+        )
+    assert swept == 1
+    assert binary_key not in stored_keys(s3, settings)
