@@ -173,6 +173,9 @@ def run(
             str(api_port),
             "--workers",
             "2",
+            # Raw URLs carry patient data in their query strings; the API logs
+            # each request by route template instead.
+            "--no-access-log",
         )
         start(
             "worker",

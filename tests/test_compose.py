@@ -140,6 +140,8 @@ def test_api_command_and_settings(compose: ComposeFile) -> None:
     """The API runs the app factory in production mode as the non-owner role."""
     api = service(compose, "api")
     assert api["command"][:3] == ["uvicorn", "hub.app:create_app", "--factory"]
+    # uvicorn's access log would print query strings, which carry patient data.
+    assert "--no-access-log" in api["command"]
     environment = api["environment"]
     assert environment["WAHA_ENV"] == "production"
     assert environment["WAHA_DATABASE_URL"].startswith("postgresql+psycopg://waha_app:")
@@ -149,6 +151,15 @@ def test_api_command_and_settings(compose: ComposeFile) -> None:
     assert environment["WAHA_S3_ENDPOINT"] == "minio:9000"
     assert environment["WAHA_OIDC_ISSUER"] == "http://127.0.0.1:8080/realms/waha"
     assert environment["WAHA_OIDC_INTERNAL_URL"] == "http://keycloak:8080/realms/waha"
+
+
+def test_the_image_runs_the_api_without_uvicorns_access_log() -> None:
+    """The image's own command logs no raw URLs either (query strings carry patient data)."""
+    command = next(
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD")
+    )
+    assert "hub.app:create_app" in command
+    assert "--no-access-log" in command
 
 
 def test_worker_runs_celery(compose: ComposeFile) -> None:
