@@ -109,14 +109,15 @@ class SearchStringRow(Base):
     __tablename__ = "fhir_search_string"
     __table_args__ = (
         PrimaryKeyConstraint("resource_type", "resource_id", "param", "value_normalized"),
-        # Covering: a prefix search orders the matching ids without the heap.
+        # In byte order (C collation), so a prefix LIKE is a range of it, and with
+        # the id as a key column: a name search walks (value, id) in order and
+        # stops after a page (fhir_api.search.repository.string_key).
         Index(
-            "ix_fhir_search_string_prefix",
+            "ix_fhir_search_string_walk",
             "resource_type",
             "param",
-            "value_normalized",
-            postgresql_ops={"value_normalized": "text_pattern_ops"},
-            postgresql_include=["resource_id"],
+            text('(value_normalized COLLATE "C")'),
+            "resource_id",
         ),
     )
 

@@ -14,6 +14,21 @@ def test_models_and_migrations_agree(settings: Settings, db_engine: object) -> N
     command.check(alembic_config(str(settings.migration_database_url)))
 
 
+def test_the_string_index_is_in_byte_order_with_the_id_as_key(
+    settings: Settings, db_engine: object
+) -> None:
+    """Autogenerate cannot compare it (see migrations/env.py): its definition is checked here."""
+    engine = create_engine(str(settings.migration_database_url))
+    with engine.connect() as connection:
+        definition = connection.execute(
+            text("SELECT pg_get_indexdef('ix_fhir_search_string_walk'::regclass)")
+        ).scalar_one()
+    engine.dispose()
+    assert definition.endswith(
+        '(resource_type, param, value_normalized COLLATE "C", resource_id)'
+    ), definition
+
+
 def test_downgrade_to_base_and_upgrade_again(
     settings: Settings, run_id: str, worker_id: str
 ) -> None:

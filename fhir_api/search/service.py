@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from fhir_api.search import repository
 from fhir_api.search.errors import InvalidSearch, UnknownSearchParameter
-from fhir_api.search.parser import Include, SearchQuery, SortKey, parse_search
+from fhir_api.search.parser import Include, SearchQuery, parse_search
 from fhir_api.search.repository import UNRESTRICTED, SearchScope
 from fhir_api.search_index import resource_types, search_parameters_for
 from fhir_api.validation import JSONObject, check_resource_type
@@ -139,7 +139,7 @@ def _encode_cursor(direction: str, values: list[Any], resource_type: str, resour
     return base64.urlsafe_b64encode(orjson.dumps(raw)).decode().rstrip("=")
 
 
-def _decode_cursor(token: str, sort: Sequence[SortKey]) -> tuple[bool, list[Any]]:
+def _decode_cursor(token: str, kinds: Sequence[str]) -> tuple[bool, list[Any]]:
     try:
         raw = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (ValueError, orjson.JSONDecodeError) as error:
@@ -149,16 +149,13 @@ def _decode_cursor(token: str, sort: Sequence[SortKey]) -> tuple[bool, list[Any]
         and len(raw) == 4
         and raw[0] in ("n", "p")
         and isinstance(raw[1], list)
-        and len(raw[1]) == len(sort)
+        and len(raw[1]) == len(kinds)
         and isinstance(raw[2], str)
         and isinstance(raw[3], str)
     )
     if not valid:
         raise InvalidSearch("the paging cursor does not belong to this search")
-    values = [
-        _decode_value(value, repository.sort_value_kind(key))
-        for value, key in zip(raw[1], sort, strict=True)
-    ]
+    values = [_decode_value(value, kind) for value, kind in zip(raw[1], kinds, strict=True)]
     return raw[0] == "p", [*values, raw[2], raw[3]]
 
 
@@ -174,7 +171,8 @@ def _run(
 ) -> JSONObject:
     backwards, after = (False, None)
     if query.cursor:
-        backwards, after = _decode_cursor(query.cursor, query.sort)
+        kinds = repository.cursor_kinds(query.criteria, query.sort)
+        backwards, after = _decode_cursor(query.cursor, kinds)
     count_only = query.summary == "count" or query.count == 0
     rows: list[tuple[list[Any], str, str, str, list[str]]] = []
     more = False

@@ -183,10 +183,15 @@ def _link(bundle: dict[str, Any], relation: str) -> str | None:
     return next((link["url"] for link in bundle["link"] if link["relation"] == relation), None)
 
 
-def test_name_prefix_pages_list_each_resource_once_in_id_order(client: TestClient) -> None:
-    # Each patient has three name parts starting "na": one entry each, never three.
+def test_name_prefix_pages_list_each_resource_once_by_its_first_matching_name(
+    client: TestClient,
+) -> None:
+    # Each of these has three name parts starting "na": one entry each, never
+    # three, placed at its first matching part ("nadia"), then by id.
     named: list[dict[str, Any]] = [{"family": "Naim", "given": ["Nadia", "Nawal"]}]
     created = [create(client, patient(f"NP{number}", name=named)) for number in range(7)]
+    earlier = sorted(create(client, patient(f"NB{n}", family="Nabil")) for n in range(2))
+    later = create(client, patient("NZ", name=[{"family": "Nouri", "given": ["Nazih"]}]))
     create(client, patient("NP-other", family="Bennani"))
     gone = created.pop(3)
     assert client.delete(f"/fhir/Patient/{gone}").status_code in (200, 204)
@@ -199,13 +204,22 @@ def test_name_prefix_pages_list_each_resource_once_in_id_order(client: TestClien
             break
         bundle = search(client, following)
     walked = [resource_id for page in pages for resource_id in page]
-    assert walked == sorted(created)
-    assert [len(page) for page in pages] == [2, 2, 2]
+    assert walked == [*earlier, *sorted(created), later]
+    assert [len(page) for page in pages] == [2, 2, 2, 2, 1]
     backwards: list[str] = []
     while (preceding := _link(bundle, "previous")) is not None:
         bundle = search(client, preceding)
         backwards = _page_ids(bundle) + backwards
-    assert backwards == walked[:4]
+    assert backwards == walked[:8]
+    # A page cursor carries the name it stopped at: one from another search is refused.
+    cursor = _link(search(client, "/fhir/Patient?name=na&_count=2"), "next")
+    assert cursor is not None
+    sorted_search = cursor.replace("name=na", "name=na&_sort=birthdate")
+    assert client.get(sorted_search).status_code == 400
+    # The same shape of search, other prefixes: the page statement is reused
+    # with this search's values, not the first one's.
+    assert _page_ids(search(client, "/fhir/Patient?name=nab&_count=2")) == earlier
+    assert _page_ids(search(client, "/fhir/Patient?name=nou&_count=2")) == [later]
     both = search(client, "/fhir/Patient?name=nawal,bennani&_count=100")
     assert len(_page_ids(both)) == 7
     narrowed = search(client, "/fhir/Patient?name=na&gender=male")
