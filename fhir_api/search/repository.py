@@ -18,6 +18,7 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     CompoundSelect,
+    DateTime,
     FromClause,
     Select,
     String,
@@ -174,8 +175,17 @@ def _like_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+@dataclass(frozen=True, slots=True)
+class _DateSlots:
+    """A date comparison of a reused page statement: its prefix, its bounds as parameters."""
+
+    prefix: str
+    low: BindParameter[datetime]
+    high: BindParameter[datetime]
+
+
 def _date_condition(
-    low: ColumnElement[datetime], high: ColumnElement[datetime], item: DateComparison
+    low: ColumnElement[datetime], high: ColumnElement[datetime], item: DateComparison | _DateSlots
 ) -> ColumnElement[bool]:
     # R4 search "prefix": the resource's range [low, high] against the value's range.
     sl, sh = item.low, item.high
@@ -419,6 +429,29 @@ def _slot_name(type_number: int, criterion_number: int) -> str:
     return f"keys_{type_number}_{criterion_number}"
 
 
+def _date_slot(type_number: int, window: int, part: str) -> str:
+    return f"date_{type_number}_{window}_{part}"
+
+
+def _windowed(criterion: Criterion) -> bool:
+    """Tell whether a criterion is a single date comparison, tested within its param's window."""
+    return (
+        isinstance(criterion, DateCriterion)
+        and criterion.param is not None
+        and len(criterion.comparisons) == 1
+    )
+
+
+def _windows(criteria: Sequence[Criterion]) -> dict[str, list[DateComparison]]:
+    """Group the single date comparisons of one type's criteria by param, in order."""
+    windows: dict[str, list[DateComparison]] = {}
+    for criterion in criteria:
+        if _windowed(criterion):
+            assert isinstance(criterion, DateCriterion) and criterion.param is not None  # noqa: S101
+            windows.setdefault(criterion.param, []).append(criterion.comparisons[0])
+    return windows
+
+
 def _type_conditions(
     resource: FromClause,
     resource_type: str,
@@ -430,7 +463,6 @@ def _type_conditions(
     # Single-valued date criteria on one param (`date=ge..&date=lt..`) are tested
     # against the same date row: one range scan instead of two unselective half-open
     # ones. It differs from separate tests only for a resource with several values.
-    windows: dict[str, list[DateComparison]] = {}
     conditions: list[ColumnElement[bool]] = []
     for number, criterion in enumerate(criteria):
         if slots is not None and isinstance(criterion, KeyedCriterion):
@@ -441,24 +473,48 @@ def _type_conditions(
                 else bindparam(name, type_=ARRAY(Text))
             )
             conditions.append(_keyed_condition(resource, criterion, slot))
-        elif (
-            isinstance(criterion, DateCriterion)
-            and criterion.param is not None
-            and len(criterion.comparisons) == 1
-        ):
-            windows.setdefault(criterion.param, []).append(criterion.comparisons[0])
-        else:
+        elif not _windowed(criterion):
             conditions.append(condition_for(resource, resource_type, criterion, scope))
-    for param, comparisons in windows.items():
-        tests = [_date_condition(DATES.c.low, DATES.c.high, c) for c in comparisons]
-        conditions.append(_side(DATES, resource, param, *tests, *_window_hint(comparisons)))
+    for window, (param, comparisons) in enumerate(_windows(criteria).items()):
+        if slots is None:
+            tests = [_date_condition(DATES.c.low, DATES.c.high, c) for c in comparisons]
+            floor, ceiling = _window_bounds(comparisons)
+            hint = _window_hint(floor, ceiling)
+        else:
+            # A reused statement: the bounds are parameters (`_slot_values`); which
+            # tests and window sides exist depends on the prefixes, part of its shape.
+            instant = DateTime(timezone=True)
+            tests = [
+                _date_condition(
+                    DATES.c.low,
+                    DATES.c.high,
+                    _DateSlots(
+                        c.prefix,
+                        bindparam(_date_slot(slots, window, f"{n}_low"), type_=instant),
+                        bindparam(_date_slot(slots, window, f"{n}_high"), type_=instant),
+                    ),
+                )
+                for n, c in enumerate(comparisons)
+            ]
+            floor, ceiling = _window_bounds(comparisons)
+            hint = _window_hint(
+                None
+                if floor is None
+                else bindparam(_date_slot(slots, window, "floor"), type_=instant),
+                None
+                if ceiling is None
+                else bindparam(_date_slot(slots, window, "ceiling"), type_=instant),
+            )
+        conditions.append(_side(DATES, resource, param, *tests, *hint))
     return conditions
 
 
-def _window_hint(comparisons: Sequence[DateComparison]) -> list[ColumnElement[bool]]:
-    """Return a range-overlap test implied by the comparisons (for a range index), if any."""
-    floor: datetime | None = None  # what `high` must reach
-    ceiling: datetime | None = None  # what `low` must not pass
+def _window_bounds(
+    comparisons: Sequence[DateComparison],
+) -> tuple[datetime | None, datetime | None]:
+    """Return what `high` must reach and what `low` must not pass, as the comparisons imply."""
+    floor: datetime | None = None
+    ceiling: datetime | None = None
     for item in comparisons:
         if item.prefix in ("eq", "ge", "ap"):
             floor = item.low if floor is None else max(floor, item.low)
@@ -468,6 +524,11 @@ def _window_hint(comparisons: Sequence[DateComparison]) -> list[ColumnElement[bo
             ceiling = item.high if ceiling is None else min(ceiling, item.high)
         elif item.prefix in ("lt", "eb"):
             ceiling = item.low if ceiling is None else min(ceiling, item.low)
+    return floor, ceiling
+
+
+def _window_hint(floor: Any, ceiling: Any) -> list[ColumnElement[bool]]:
+    """Return the range-overlap test the bounds imply (for the range index), if any."""
     if floor is None and ceiling is None:
         return []
     window = func.tstzrange(floor, ceiling, "[]")
@@ -767,6 +828,11 @@ def _page_shape(
                 # Its parameter is in the SQL text; its prefixes are slots.
                 kinds.append((StringCriterion, driver.param, len(driver.values)))
                 continue
+            if _windowed(criterion):
+                assert isinstance(criterion, DateCriterion)  # noqa: S101
+                # The param and prefix shape the SQL; the instants are slots.
+                kinds.append((DateCriterion, criterion.param, criterion.comparisons[0].prefix))
+                continue
             if not isinstance(criterion, KeyedCriterion):
                 return None
             negate = not isinstance(criterion, ReferenceCriterion) and criterion.negate
@@ -814,6 +880,13 @@ def _slot_values(
         values.update({_prefix_slot(n): _like_prefix(v) for n, v in enumerate(driver.values)})
         criteria = {t: [c for c in found if c is not driver] for t, found in criteria.items()}
     for type_number, found in enumerate(criteria.values()):
+        for window, comparisons in enumerate(_windows(found).values()):
+            for n, comparison in enumerate(comparisons):
+                values[_date_slot(type_number, window, f"{n}_low")] = comparison.low
+                values[_date_slot(type_number, window, f"{n}_high")] = comparison.high
+            floor, ceiling = _window_bounds(comparisons)
+            values[_date_slot(type_number, window, "floor")] = floor
+            values[_date_slot(type_number, window, "ceiling")] = ceiling
         for number, criterion in enumerate(found):
             if isinstance(criterion, IdCriterion):
                 values[_slot_name(type_number, number)] = list(criterion.ids)
