@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
-from fhir_api.context import UNRESTRICTED_ACCESS
+from fhir_api.context import UNRESTRICTED_ACCESS, AuditNotes
 from hub.db import SessionDep
 from hub.errors import FHIR_MEDIA_TYPE, BadRequest
 from hub.settings import Settings, request_settings
@@ -35,11 +35,14 @@ async def upload_caller(request: Request) -> service.Caller:
     """Describe the caller from what the auth layer attached to the request."""
     access = getattr(request.state, "access", None) or UNRESTRICTED_ACCESS
     client_id = getattr(access, "client_id", "anonymous")
+    audit = AuditNotes()
+    request.state.audit = audit
     return service.Caller(
         access=access,
         client_id=client_id,
         author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
+        audit=audit,
     )
 
 
@@ -153,6 +156,11 @@ def upload_binary(
         settings.fhir_base_url,
         enforce_referential_integrity=settings.enforce_referential_integrity,
     )
+    if caller.audit is not None:
+        context_type, _, context_id = (stored.row.security_context or "").partition("/")
+        caller.audit.touched(
+            "Binary", stored.id, [context_id] if context_type == "Patient" and context_id else []
+        )
     headers = _version_headers(stored.version_id, _http_date(stored))
     headers["Location"] = (
         f"{settings.fhir_base_url}/Binary/{stored.id}/_history/{stored.version_id}"

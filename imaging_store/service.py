@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy.orm import Session
 
 from fhir_api import service as fhir_service
-from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, RequestContext
+from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
 from fhir_api.writes import EntryRequest, WriteSettings
 from hub.errors import WahaError
 from hub.settings import Settings
@@ -73,6 +73,8 @@ class Caller:
     author: str
     request_id: str
     access: AccessControl = UNRESTRICTED_ACCESS
+    # Where the request's audit event learns which Binary and patients it touched.
+    audit: AuditNotes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +395,12 @@ def current_binary(
     if row is None or row.deleted_at is not None or result.resource is None:
         raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
     check_binary_access(
-        session, row, access=caller.access, client_id=caller.client_id, base_url=base_url
+        session,
+        row,
+        access=caller.access,
+        client_id=caller.client_id,
+        base_url=base_url,
+        audit=caller.audit,
     )
     assert result.version_id is not None and result.last_updated is not None  # noqa: S101
     return result.resource, result.version_id, result.last_updated, row
@@ -406,35 +413,51 @@ def check_binary_access(
     access: AccessControl,
     client_id: str,
     base_url: str,
+    audit: AuditNotes | None = None,
 ) -> None:
     """Raise 404 unless the caller may see this Binary (DESIGN.md "Access rules").
 
     A Binary belongs to the uploading client; once it names a patient or an
     encounter (X-Security-Context, Binary.securityContext), or a Media or
     DocumentReference about a patient cites it, it follows that record:
-    whoever may read the Patient or Encounter may read the Binary.
+    whoever may read the Patient or Encounter may read the Binary. `audit`,
+    when given, learns the Binary and its patients once access is granted.
     """
     access.check("read", "Binary")
-    if access.unrestricted or row.owner_client_id == client_id:
-        return
-    targets = [row.security_context or ""]
-    targets += [
-        f"Patient/{patient_id}"
-        for patient_id in repository.list_linked_patient_ids(session, row.id)
-    ]
-    for target in targets:
-        resource_type, _, resource_id = target.partition("/")
-        if resource_type in ("Patient", "Encounter") and resource_id:
-            if _may_read(
-                session,
-                resource_type,
-                resource_id,
-                access=access,
-                client_id=client_id,
-                base_url=base_url,
-            ):
-                return
-    raise BinaryNotFound(f"Binary/{row.id} is not known")
+    linked: list[str] | None = None
+    if not (access.unrestricted or row.owner_client_id == client_id):
+        linked = repository.list_linked_patient_ids(session, row.id)
+        targets = [row.security_context or "", *(f"Patient/{p}" for p in linked)]
+        if not any(
+            _may_read_target(session, target, access=access, client_id=client_id, base_url=base_url)
+            for target in targets
+        ):
+            raise BinaryNotFound(f"Binary/{row.id} is not known")
+    if audit is not None:
+        if linked is None:
+            linked = repository.list_linked_patient_ids(session, row.id)
+        # A patient's access report must list who saw their photos too.
+        context_type, _, context_id = (row.security_context or "").partition("/")
+        patients = [context_id] if context_type == "Patient" and context_id else []
+        audit.touched("Binary", row.id, [*patients, *linked])
+
+
+def _may_read_target(
+    session: Session, target: str, *, access: AccessControl, client_id: str, base_url: str
+) -> bool:
+    resource_type, _, resource_id = target.partition("/")
+    return (
+        resource_type in ("Patient", "Encounter")
+        and bool(resource_id)
+        and _may_read(
+            session,
+            resource_type,
+            resource_id,
+            access=access,
+            client_id=client_id,
+            base_url=base_url,
+        )
+    )
 
 
 def _may_read(

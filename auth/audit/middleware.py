@@ -78,6 +78,9 @@ def _route_entities(scope: Scope) -> tuple[str, ...]:
     resource_type, resource_id = params.get("resource_type"), params.get("resource_id")
     if resource_type and resource_id:
         return (f"{resource_type}/{resource_id}",)
+    if params.get("binary_id"):
+        # /fhir/Binary/<id> and /imaging/binaries/<id>/thumbnail|preview
+        return (f"Binary/{params['binary_id']}",)
     if params.get("patient_id"):
         return (f"Patient/{params['patient_id']}",)
     return ()

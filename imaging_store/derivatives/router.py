@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fhir_api.context import UNRESTRICTED_ACCESS, RequestContext
+from fhir_api.context import UNRESTRICTED_ACCESS, AuditNotes, RequestContext
 from hub.db import SessionDep
 from hub.settings import Settings, request_settings
 from imaging_store import service as binary_service
@@ -49,11 +49,14 @@ StorageDep = Annotated[BinaryStorage, Depends(derivative_storage)]
 def _request_context(request: Request) -> RequestContext:
     access = getattr(request.state, "access", None) or UNRESTRICTED_ACCESS
     client_id = getattr(access, "client_id", "anonymous")
+    audit = AuditNotes()
+    request.state.audit = audit
     return RequestContext(
         client_id=client_id,
         author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
         access=access,
+        audit=audit,
     )
 
 

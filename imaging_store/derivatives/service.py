@@ -362,7 +362,12 @@ def get_visible_binary(
     if row is None or row.deleted_at is not None or result.resource is None:
         raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
     binary_service.check_binary_access(
-        session, row, access=context.access, client_id=context.client_id, base_url=base_url
+        session,
+        row,
+        access=context.access,
+        client_id=context.client_id,
+        base_url=base_url,
+        audit=context.audit,
     )
     return row
 

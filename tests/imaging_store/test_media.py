@@ -12,6 +12,7 @@ import hashlib
 import io
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -431,6 +432,57 @@ def test_a_linked_binary_follows_the_patients_record(
     assert response.status_code == 200, response.text
     assert response.content == content
     assert client.get(f"/fhir/Binary/{binary_id}", headers=derm).status_code == 404
+
+
+def _audit_events(client: TestClient, admin: dict[str, str], request_id: str) -> list[JSON]:
+    since = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    response = client.get(f"/fhir/AuditEvent?date=ge{since}&_count=500", headers=admin)
+    assert response.status_code == 200, response.text
+    return [
+        entry["resource"]
+        for entry in response.json().get("entry", [])
+        if any(
+            entity.get("what", {}).get("identifier", {}).get("value") == request_id
+            for entity in entry["resource"].get("entity", [])
+        )
+    ]
+
+
+def _entity_references(event: JSON) -> set[str]:
+    return {str(e["what"]["reference"]) for e in event["entity"] if "reference" in e["what"]}
+
+
+@pytest.mark.usefixtures("linker", "reference_data")
+def test_downloads_of_a_patients_photo_are_audited_with_the_patient(
+    client: TestClient, auth_headers: Headers, unit_01: dict[str, str]
+) -> None:
+    binary_id = upload(client, unit_01, samples.jpeg())
+    refs = post_bundle(
+        client, unit_01, visit_bundle(fresh_national_id(), "unit-01", media_of(binary_id))
+    )
+    patient_ref = refs[0]
+    admin, coordinator, stranger = (
+        auth_headers(name) for name in ("admin", "coordinator", "specialist.derm")
+    )
+    paths = (
+        f"/fhir/Binary/{binary_id}",
+        f"/imaging/binaries/{binary_id}/thumbnail",
+    )
+    for path in paths:
+        request_id = uuid.uuid4().hex
+        response = client.get(path, headers={**coordinator, "X-Request-Id": request_id})
+        assert response.status_code in (200, 202), response.text
+        [event] = _audit_events(client, admin, request_id)
+        # The patient's access report lists who saw their photo.
+        assert f"Binary/{binary_id}" in _entity_references(event)
+        assert patient_ref in _entity_references(event)
+    # A refused download names the Binary that was tried, and no patient.
+    request_id = uuid.uuid4().hex
+    response = client.get(paths[0], headers={**stranger, "X-Request-Id": request_id})
+    assert response.status_code == 404
+    [event] = _audit_events(client, admin, request_id)
+    assert _entity_references(event) == {f"Binary/{binary_id}"}
+    assert event["outcome"] != "0"
 
 
 @pytest.mark.usefixtures("linker", "reference_data")
