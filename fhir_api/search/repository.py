@@ -66,6 +66,7 @@ from fhir_api.search.parser import (
     TokenCriterion,
     UriCriterion,
 )
+from fhir_api.search_index import single_valued
 
 RESOURCE = cast(Table, ResourceRow.__table__)
 STRINGS = cast(Table, SearchStringRow.__table__)
@@ -80,6 +81,11 @@ STORED = RESOURCE.alias("stored")
 # resource once, at the first of its matching values ("earlier" finds the others).
 DRIVING_ENTRY = STRINGS.alias("entry")
 EARLIER_ENTRY = STRINGS.alias("earlier")
+# A search sorted by the date it filters on walks that date's rows in order.
+WALKED_DATE = DATES.alias("walked")
+# Keyed criteria matching fewer resources than this drive a sorted date search
+# better than the date walk does (a patient's encounters, not a unit's).
+DATE_WALK_MIN_KEYED_MATCHES = 200
 CHAINED = RESOURCE.alias("chained")
 HAS_SOURCE = RESOURCE.alias("has_source")
 # The range a date row covers, as the expression an index may be built on.
@@ -609,6 +615,7 @@ def page_statement(
     limit: int,
     scope: SearchScope,
     slotted: bool = False,
+    walk_dates: bool = False,
 ) -> Select[Any]:
     """Build the page query: (sort values..., type, id, json text, refs) after a keyset position.
 
@@ -622,8 +629,12 @@ def page_statement(
         # The driver's criterion is met by the walk; repeating it as an EXISTS would
         # let the planner go back to fetching every match.
         criteria = {t: [c for c in found if c is not driver] for t, found in criteria.items()}
-    condition = match_condition(resource, criteria, scope, slotted=slotted)
     directions = [key.descending != backwards for key in sort]
+    walked = date_walk(criteria, sort) if walk_dates else None
+    if walked is not None:
+        page = _date_walk_page(resource, criteria, sort[0], walked, scope, after, backwards, limit)
+        return _page_with_resources(page, directions, backwards)
+    condition = match_condition(resource, criteria, scope, slotted=slotted)
     if sort:
         labels = [sort_expression(resource, key).label(f"s{n}") for n, key in enumerate(sort)]
         matched = (
@@ -658,6 +669,13 @@ def page_statement(
             base = base.where(position < boundary if backwards else position > boundary)
         base = base.order_by(*(c.desc() if backwards else c.asc() for c in order))
         page = base.limit(limit).subquery("page")
+    return _page_with_resources(page, directions, backwards)
+
+
+def _page_with_resources(
+    page: Subquery, directions: Sequence[bool], backwards: bool
+) -> Select[Any]:
+    """Join a page of (sort values..., type, id) to the stored resources, in page order."""
     stored = STORED
     final_order = _keyed(page, directions, backwards)
     return (
@@ -675,6 +693,130 @@ def page_statement(
         )
         .order_by(*((c.desc() if d else c.asc()).nulls_last() for c, d in final_order))
     )
+
+
+def date_walk(
+    criteria: dict[str, list[Criterion]], sort: Sequence[SortKey]
+) -> tuple[str, list[DateComparison]] | None:
+    """Return (type, window) when a search sorted by a date filters on that same date.
+
+    Such a page can walk the date's rows in sort order and stop after a page of
+    visible matches, where the planner fetches every row of the window (2,323
+    encounters in a week) to check and sort them. Only for a parameter with at
+    most one value per resource: its one row's bound then is the sort value.
+    """
+    if len(sort) != 1 or sort[0].type != "date" or len(criteria) != 1:
+        return None
+    ((resource_type, found),) = criteria.items()
+    window = _windows(found).get(sort[0].code)
+    if not window or not single_valued(resource_type, sort[0].code):
+        return None
+    return resource_type, window
+
+
+def walks_dates(
+    session: Session, criteria: dict[str, list[Criterion]], sort: Sequence[SortKey]
+) -> bool:
+    """Tell whether a page of this search is best found by walking its sort date.
+
+    Unless its keyed criteria (token, reference, _id) are narrow: a patient's
+    few encounters are fetched and sorted faster than the week is walked.
+    """
+    if date_walk(criteria, sort) is None:
+        return False
+    ((_, found),) = criteria.items()
+    keyed = [c for c in found if isinstance(c, KeyedCriterion)]
+    if not keyed:
+        return True
+    resource = MATCHED
+    conditions = [
+        _keyed_condition(
+            resource,
+            c,
+            list(c.ids) if isinstance(c, IdCriterion) else _text_array(c.keys),
+        )
+        for c in keyed
+    ]
+    sample = (
+        select(literal(1))
+        .select_from(resource)
+        .where(*conditions)
+        .limit(DATE_WALK_MIN_KEYED_MATCHES)
+        .subquery()
+    )
+    found_count = session.execute(select(func.count()).select_from(sample)).scalar_one()
+    return int(found_count) >= DATE_WALK_MIN_KEYED_MATCHES
+
+
+def _date_walk_page(
+    resource: FromClause,
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    walked: tuple[str, list[DateComparison]],
+    scope: SearchScope,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+) -> Subquery:
+    """Return a page of (s0, type, id): the window's date rows in sort order, checked lazily.
+
+    The rows come sorted (one per resource: the parameter is single-valued), and
+    each is checked against the other criteria and the caller's scope in a
+    lateral subquery the planner cannot fold into a join, so the walk stops
+    after a page. `OFFSET 0` keeps that subquery apart, and the ordered rows
+    keep their order through the nested loop.
+    """
+    resource_type, window = walked
+    dates = WALKED_DATE
+    descending = key.descending != backwards
+    value = dates.c.high if key.descending else dates.c.low
+    floor, ceiling = _window_bounds(window)
+    range_of_row = func.tstzrange(
+        func.least(dates.c.low, dates.c.high), func.greatest(dates.c.low, dates.c.high), "[]"
+    )
+    rows = select(value.label("s0"), dates.c.resource_type, dates.c.resource_id.label("id")).where(
+        dates.c.resource_type == resource_type,
+        dates.c.param == key.code,
+        *(_date_condition(dates.c.low, dates.c.high, c) for c in window),
+        *(
+            []
+            if floor is None and ceiling is None
+            else [range_of_row.bool_op("&&")(func.tstzrange(floor, ceiling, "[]"))]
+        ),
+    )
+    # The order of every sorted page: the value, then (type, id) as the tie-break.
+    keyed = [
+        (value, descending),
+        (dates.c.resource_type, backwards),
+        (dates.c.resource_id, backwards),
+    ]
+    if after is not None:
+        rows = rows.where(_after(keyed, after))
+    ordered = rows.order_by(*(c.desc() if d else c.asc() for c, d in keyed)).subquery("ordered")
+    others = {
+        t: [c for c in found if not (_windowed(c) and getattr(c, "param", None) == key.code)]
+        for t, found in criteria.items()
+    }
+    check = (
+        select(literal(1).label("ok"))
+        .select_from(resource)
+        .where(
+            resource.c.resource_type == ordered.c.resource_type,
+            resource.c.id == ordered.c.id,
+            match_condition(resource, others, scope),
+        )
+        .offset(0)
+        .lateral("checked")
+    )
+    walk = (
+        select(ordered.c.s0, ordered.c.resource_type, ordered.c.id)
+        .select_from(ordered.join(check, true()))
+        .order_by(
+            *(c.desc() if d else c.asc() for c, d in _keyed(ordered, [descending], backwards))
+        )
+        .limit(limit)
+    )
+    return walk.subquery("page")
 
 
 def string_driver(
@@ -773,12 +915,21 @@ def list_page(
     scope: SearchScope,
 ) -> list[tuple[list[Any], str, str, str, list[str]]]:
     """Return up to `limit` matches after a keyset position: (sort values, type, id, json, refs)."""
-    shape = _page_shape(criteria, sort, after, backwards, limit, scope)
+    values: dict[str, Any] = {}
+    shape = None
+    walk_dates = walks_dates(session, criteria, sort)
+    if not walk_dates:
+        shape = _page_shape(criteria, sort, after, backwards, limit, scope)
     if shape is None:
         statement = page_statement(
-            criteria=criteria, sort=sort, after=after, backwards=backwards, limit=limit, scope=scope
+            criteria=criteria,
+            sort=sort,
+            after=after,
+            backwards=backwards,
+            limit=limit,
+            scope=scope,
+            walk_dates=walk_dates,
         )
-        values: dict[str, Any] = {}
     else:
         statement = _page_template(shape, criteria, sort, after, backwards, limit, scope)
         values = {**scope.parameters, **_slot_values(criteria, sort, after)}

@@ -108,6 +108,7 @@ from fhir_api.search_index.extract import (
     IndexValues,
     compile_all,
     extract_index,
+    single_valued,
 )
 from fhir_api.search_index.model_types import UnknownResourceType
 
@@ -136,6 +137,7 @@ __all__ = [
     "reference_value",
     "resource_types",
     "search_parameters_for",
+    "single_valued",
     "string_entries",
     "text_param",
     "token_query_key",

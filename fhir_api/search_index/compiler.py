@@ -69,6 +69,9 @@ class Branch:
     # The focus key every value is read under (None: unknown or the focus itself),
     # so extraction can skip branches whose first element is absent.
     first_key: str | None = None
+    # The element names read from the focus when none of them repeats (the
+    # branch yields at most one value); None when it may yield several.
+    single_path: tuple[str, ...] | None = None
 
 
 def _identity(node: Any) -> list[Any]:
@@ -122,15 +125,22 @@ def _then(first: Getter, then: Getter) -> Getter:
     return get
 
 
-def _member(branch: Branch, element: ElementType) -> Branch:
-    """Return the branch reading one element of what `branch` yields."""
+def _member(branch: Branch, element: ElementType, name: str) -> Branch:
+    """Return the branch reading one element (`name`, one of its choice keys) of `branch`."""
+    single = (
+        (*branch.single_path, name)
+        if branch.single_path is not None and not element.repeats
+        else None
+    )
     if branch.keys is not None:
         keys = (*branch.keys, element.key)
         first = branch.first_key or keys[0]
         getter = path_getter(keys)
-        return Branch(element.type_name, element.model, getter, keys, branch.rooted, first)
+        return Branch(element.type_name, element.model, getter, keys, branch.rooted, first, single)
     getter = _then(branch.get, path_getter((element.key,)))
-    return Branch(element.type_name, element.model, getter, None, branch.rooted, branch.first_key)
+    return Branch(
+        element.type_name, element.model, getter, None, branch.rooted, branch.first_key, single
+    )
 
 
 def _filtered(branch: Branch, predicate: Predicate) -> Branch:
@@ -140,11 +150,20 @@ def _filtered(branch: Branch, predicate: Predicate) -> Branch:
     def get(node: Any) -> list[Any]:
         return [item for item in inner(node) if predicate(item) is True]
 
-    return Branch(branch.type_name, branch.model, get, None, branch.rooted, branch.first_key)
+    # A filter keeps at most what it is given.
+    return Branch(
+        branch.type_name,
+        branch.model,
+        get,
+        None,
+        branch.rooted,
+        branch.first_key,
+        branch.single_path,
+    )
 
 
 def _focus(scope: Scope) -> Branch:
-    return Branch(scope.type_name, scope.model, _identity, (), False)
+    return Branch(scope.type_name, scope.model, _identity, (), False, single_path=())
 
 
 def _members(bases: list[Branch], name: str) -> list[Branch]:
@@ -154,7 +173,7 @@ def _members(bases: list[Branch], name: str) -> list[Branch]:
         if base.model is None:
             raise CompileError(f"cannot read {name!r} of primitive {base.type_name}")
         for element in elements_of(base.model).get(name, ()):
-            result.append(_member(base, element))
+            result.append(_member(base, element, name))
     if bases and not result:
         names = "/".join(sorted({base.type_name for base in bases}))
         raise UnknownElement(f"{names} has no element {name!r}")

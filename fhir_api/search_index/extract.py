@@ -670,6 +670,32 @@ def compile_parameter(
 
 
 @functools.cache
+def single_valued(resource_type: str, code: str) -> bool:
+    """Tell whether a parameter gives a resource of the type at most one index value.
+
+    So when its expression reads one path of elements that never repeat (the
+    variants of one choice element count as one: a resource has only one), as
+    `Encounter.date` reads `Encounter.period`. Every value of a date, number
+    or quantity gives one index row.
+    """
+    definition = definitions_for(resource_type).get(code)
+    if (
+        definition is None
+        or definition.expression is None
+        or definition.type == "composite"
+        or definition.id in SKIPPED_PARAMETERS
+        or (resource_type, code) in R4B_ABSENT_ELEMENTS
+    ):
+        return False
+    try:
+        branches = compile_expression(definition.expression, resource_type)
+    except CompileError:
+        return False
+    paths = {branch.single_path for branch in branches}
+    return bool(branches) and None not in paths and len(paths) == 1
+
+
+@functools.cache
 def extractor_for(resource_type: str) -> ResourceExtractor:
     """Return the compiled extraction plan of a resource type (compiled once)."""
     if resource_type in UNSUPPORTED_RESOURCE_TYPES:

@@ -54,6 +54,8 @@ class ElementType:
     key: str
     type_name: str
     model: type[Any] | None
+    # 0..* in the model: the element may hold several values.
+    repeats: bool = False
 
 
 class UnknownResourceType(LookupError):
@@ -103,6 +105,18 @@ def elements_of(model: type[Any]) -> dict[str, tuple[ElementType, ...]]:
     return cached
 
 
+def _repeats(annotation: Any) -> bool:
+    """Tell whether an element annotation is a list (possibly inside Optional/Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return True
+    if origin is typing.Annotated:
+        return _repeats(typing.get_args(annotation)[0])
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_repeats(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return False
+
+
 def _read_elements(model: type[Any]) -> dict[str, tuple[ElementType, ...]]:
     elements: dict[str, list[ElementType]] = {}
     for field in model.model_fields.values():
@@ -113,7 +127,9 @@ def _read_elements(model: type[Any]) -> dict[str, tuple[ElementType, ...]]:
         type_name, element_model = _type_of(field.annotation)
         choice = extra.get("one_of_many")
         name = choice if isinstance(choice, str) else key
-        elements.setdefault(name, []).append(ElementType(key, type_name, element_model))
+        elements.setdefault(name, []).append(
+            ElementType(key, type_name, element_model, _repeats(field.annotation))
+        )
     return {name: tuple(types) for name, types in elements.items()}
 
 

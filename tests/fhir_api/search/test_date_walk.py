@@ -1,0 +1,166 @@
+"""Searches sorted by the date they filter on walk that date's rows: same answers, in order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import ColumnElement, FromClause, and_, not_
+from sqlalchemy.orm import Session
+
+from fhir_api.search import SearchScope, repository, search
+from fhir_api.search.parser import parse_search
+from fhir_api.search_index import single_valued
+from tests.builders import patient
+from tests.fhir_api.search.helpers import JSON, create
+from tests.fhir_api.search.helpers import search as get_bundle
+
+BASE = "http://127.0.0.1:8000/fhir"
+WINDOW = "date=ge2031-03-01&date=lt2031-04-01"
+
+
+def _encounter(subject: str, provider: str, start: str, end: str | None) -> JSON:
+    period = {"start": start} if end is None else {"start": start, "end": end}
+    return {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "FLD"},
+        "subject": {"reference": subject},
+        "serviceProvider": {"reference": provider},
+        "period": period,
+    }
+
+
+def _page_ids(bundle: JSON) -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+
+def _link(bundle: JSON, relation: str) -> str | None:
+    return next((link["url"] for link in bundle["link"] if link["relation"] == relation), None)
+
+
+def _walk_pages(client: TestClient, url: str) -> tuple[list[str], list[str]]:
+    """Follow next links to the end, then previous links back; return both orders."""
+    forward: list[str] = []
+    bundle = get_bundle(client, url)
+    while True:
+        forward += _page_ids(bundle)
+        following = _link(bundle, "next")
+        if following is None:
+            break
+        bundle = get_bundle(client, following)
+    backward = _page_ids(bundle)
+    while (preceding := _link(bundle, "previous")) is not None:
+        bundle = get_bundle(client, preceding)
+        backward = _page_ids(bundle) + backward
+    return forward, backward
+
+
+@pytest.fixture
+def visits(client: TestClient) -> dict[str, Any]:
+    """Encounters of two units in March 2031 (ties, an ongoing one), and two that never match."""
+    unit_a = create(client, {"resourceType": "Organization", "name": "Walk A"})
+    unit_b = create(client, {"resourceType": "Organization", "name": "Walk B"})
+    subject = f"Patient/{create(client, patient('WALK1'))}"
+    periods = {
+        "early": ("2031-03-02T08:00:00Z", "2031-03-02T09:00:00Z", unit_a),
+        "tie-1": ("2031-03-10T08:00:00Z", "2031-03-10T10:00:00Z", unit_a),
+        "tie-2": ("2031-03-10T08:00:00Z", "2031-03-10T10:00:00Z", unit_b),
+        "tie-3": ("2031-03-10T08:00:00Z", "2031-03-10T10:00:00Z", unit_a),
+        "late": ("2031-03-28T14:00:00Z", "2031-03-28T15:00:00Z", unit_b),
+        "ongoing": ("2031-03-20T08:00:00Z", None, unit_a),
+        "spans-in": ("2031-02-20T08:00:00Z", "2031-03-03T08:00:00Z", unit_b),
+    }
+    made = {
+        name: create(client, _encounter(subject, f"Organization/{unit}", start, end))
+        for name, (start, end, unit) in periods.items()
+    }
+    create(client, _encounter(subject, f"Organization/{unit_a}", "2031-04-10T08:00:00Z", None))
+    gone = create(
+        client,
+        _encounter(
+            subject, f"Organization/{unit_a}", "2031-03-15T08:00:00Z", "2031-03-15T09:00:00Z"
+        ),
+    )
+    assert client.delete(f"/fhir/Encounter/{gone}").status_code in (200, 204)
+    ties = sorted(made[name] for name in ("tie-1", "tie-2", "tie-3"))
+    # -date: the end of each period (an ongoing one has none: it sorts first).
+    latest_first = [made["ongoing"], made["late"], *ties, made["spans-in"], made["early"]]
+    # date: the start of each period.
+    earliest_first = [made["spans-in"], made["early"], *ties, made["ongoing"], made["late"]]
+    return {
+        "made": made,
+        "unit_a": unit_a,
+        "latest_first": latest_first,
+        "earliest_first": earliest_first,
+    }
+
+
+def _walked(session: Session, query: str) -> bool:
+    pairs = [(name, value) for name, _, value in (p.partition("=") for p in query.split("&"))]
+    parsed = parse_search(["Encounter"], pairs, base_url=BASE)
+    return repository.walks_dates(session, parsed.criteria, parsed.sort)
+
+
+def test_the_walk_pages_in_sort_order_both_ways(
+    client: TestClient, session: Session, visits: dict[str, Any]
+) -> None:
+    for sort, expected in (("-date", visits["latest_first"]), ("date", visits["earliest_first"])):
+        query = f"{WINDOW}&_sort={sort}&_count=2"
+        assert _walked(session, query)
+        forward, backward = _walk_pages(client, f"/fhir/Encounter?{query}")
+        assert forward == expected
+        assert backward == expected
+
+
+def test_the_walk_answers_as_the_planner_does(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unit_a = visits["unit_a"]
+    query = f"service-provider=Organization/{unit_a}&{WINDOW}&_sort=-date&_count=2"
+    # Few encounters of the unit: the reference drives, as the planner chooses.
+    assert not _walked(session, query)
+    planned = _walk_pages(client, f"/fhir/Encounter?{query}")
+    # Past the threshold the same search walks the dates, with the same pages.
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 2)
+    assert _walked(session, query)
+    walked = _walk_pages(client, f"/fhir/Encounter?{query}")
+    of_unit_a = [visits["made"][name] for name in ("ongoing", "tie-1", "tie-3", "early")]
+    expected = [i for i in visits["latest_first"] if i in of_unit_a]
+    assert walked == planned == (expected, expected)
+    included = get_bundle(client, f"/fhir/Encounter?{query}&_include=Encounter:subject")
+    assert len([e for e in included["entry"] if e["search"]["mode"] == "include"]) == 1
+
+
+def test_the_walk_keeps_to_the_callers_scope(
+    client: TestClient, session: Session, visits: dict[str, Any]
+) -> None:
+    hidden = visits["made"]["late"]
+
+    def condition(resource: FromClause) -> ColumnElement[bool]:
+        return not_(and_(resource.c.resource_type == "Encounter", resource.c.id == hidden))
+
+    bundle = search(
+        session,
+        resource_type="Encounter",
+        pairs=[("date", "ge2031-03-01"), ("date", "lt2031-04-01"), ("_sort", "-date")],
+        base_url=BASE,
+        scope=SearchScope(condition),
+    )
+    matched = _page_ids(orjson.loads(orjson.dumps(bundle)))
+    assert matched == [i for i in visits["latest_first"] if i != hidden]
+
+
+def test_only_single_valued_dates_are_walked(session: Session) -> None:
+    assert single_valued("Encounter", "date")
+    assert single_valued("Observation", "date")  # effective[x]: one of its choices
+    assert not single_valued("Encounter", "location-period")  # one per location
+    assert not single_valued("Patient", "name")
+    assert not _walked(session, "location-period=ge2031-03-01&_sort=-location-period")
+    # Sorted by another date than the one filtered on: the planner's.
+    assert not _walked(session, "date=ge2031-03-01&_sort=-_lastUpdated")
