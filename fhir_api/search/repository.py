@@ -7,6 +7,7 @@ and `_has` alike), so the auth layer narrows searches by adding a condition ther
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,9 +84,13 @@ DRIVING_ENTRY = STRINGS.alias("entry")
 EARLIER_ENTRY = STRINGS.alias("earlier")
 # A search sorted by the date it filters on walks that date's rows in order.
 WALKED_DATE = DATES.alias("walked")
-# Keyed criteria matching fewer resources than this drive a sorted date search
-# better than the date walk does (a patient's encounters, not a unit's).
+# Keyed criteria the planner expects to match fewer resources than this drive a
+# sorted date search better than the date walk does (a patient's encounters,
+# not a unit's). The estimate costs a planning; it is kept a while per process,
+# since which plan wins changes with the data, slowly, and never the answer.
 DATE_WALK_MIN_KEYED_MATCHES = 200
+DATE_WALK_DECISION_SECONDS = 300.0
+_walk_decisions: dict[Hashable, tuple[bool, float]] = {}
 CHAINED = RESOURCE.alias("chained")
 HAS_SOURCE = RESOURCE.alias("has_source")
 # The range a date row covers, as the expression an index may be built on.
@@ -724,28 +729,21 @@ def walks_dates(
     """
     if date_walk(criteria, sort) is None:
         return False
-    ((_, found),) = criteria.items()
-    keyed = [c for c in found if isinstance(c, KeyedCriterion)]
+    ((resource_type, found),) = criteria.items()
+    keyed: list[Criterion] = [c for c in found if isinstance(c, KeyedCriterion)]
     if not keyed:
         return True
-    resource = MATCHED
-    conditions = [
-        _keyed_condition(
-            resource,
-            c,
-            list(c.ids) if isinstance(c, IdCriterion) else _text_array(c.keys),
-        )
-        for c in keyed
-    ]
-    sample = (
-        select(literal(1))
-        .select_from(resource)
-        .where(*conditions)
-        .limit(DATE_WALK_MIN_KEYED_MATCHES)
-        .subquery()
-    )
-    found_count = session.execute(select(func.count()).select_from(sample)).scalar_one()
-    return int(found_count) >= DATE_WALK_MIN_KEYED_MATCHES
+    decision_key = (resource_type, *keyed)
+    now = time.monotonic()
+    known = _walk_decisions.get(decision_key)
+    if known is not None and now - known[1] < DATE_WALK_DECISION_SECONDS:
+        return known[0]
+    expected = estimate_matches(session, criteria={resource_type: keyed}, scope=UNRESTRICTED)
+    walk = expected >= DATE_WALK_MIN_KEYED_MATCHES
+    if len(_walk_decisions) >= MAX_TEMPLATES:
+        _walk_decisions.clear()
+    _walk_decisions[decision_key] = (walk, now)
+    return walk
 
 
 def _date_walk_page(

@@ -127,7 +127,8 @@ def test_the_walk_answers_as_the_planner_does(
     assert not _walked(session, query)
     planned = _walk_pages(client, f"/fhir/Encounter?{query}")
     # Past the threshold the same search walks the dates, with the same pages.
-    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 2)
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
     assert _walked(session, query)
     walked = _walk_pages(client, f"/fhir/Encounter?{query}")
     of_unit_a = [visits["made"][name] for name in ("ongoing", "tie-1", "tie-3", "early")]
