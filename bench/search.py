@@ -29,6 +29,7 @@ import httpx
 import psycopg
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from bench import wrk
 from bench.common import (
@@ -344,6 +345,9 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
             parsed = search_parser.parse_search(
                 [resource_type], parse_qsl(raw), base_url=args.base_url.rstrip("/") + "/fhir"
             )
+            # The plan the API would choose: a sorted date search may walk its dates.
+            with Session(engine) as session:
+                walk = search_repository.walks_dates(session, parsed.criteria, parsed.sort)
             statement = search_repository.page_statement(
                 criteria=parsed.criteria,
                 sort=parsed.sort,
@@ -351,6 +355,7 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                 backwards=False,
                 limit=parsed.count + 1,
                 scope=search_repository.UNRESTRICTED,
+                walk_dates=walk,
             )
             compiled = statement.compile(engine, compile_kwargs={"render_postcompile": True})
             params = dict(compiled.params)
