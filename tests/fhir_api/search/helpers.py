@@ -10,6 +10,19 @@ FHIR_JSON = {"Content-Type": "application/fhir+json"}
 JSON = dict[str, Any]
 
 
+def visit_encounter(subject: str, provider: str, start: str, end: str | None = None) -> JSON:
+    """Return a finished field Encounter of `subject` at `provider` over a period."""
+    period = {"start": start} if end is None else {"start": start, "end": end}
+    return {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "FLD"},
+        "subject": {"reference": subject},
+        "serviceProvider": {"reference": provider},
+        "period": period,
+    }
+
+
 def create(client: TestClient, resource: JSON) -> str:
     """Create a resource and return its id."""
     response = client.post(f"/fhir/{resource['resourceType']}", json=resource, headers=FHIR_JSON)

@@ -14,23 +14,11 @@ from fhir_api.search import SearchScope, repository, search
 from fhir_api.search.parser import parse_search
 from fhir_api.search_index import single_valued
 from tests.builders import patient
-from tests.fhir_api.search.helpers import JSON, create
+from tests.fhir_api.search.helpers import JSON, create, visit_encounter
 from tests.fhir_api.search.helpers import search as get_bundle
 
 BASE = "http://127.0.0.1:8000/fhir"
 WINDOW = "date=ge2031-03-01&date=lt2031-04-01"
-
-
-def _encounter(subject: str, provider: str, start: str, end: str | None) -> JSON:
-    period = {"start": start} if end is None else {"start": start, "end": end}
-    return {
-        "resourceType": "Encounter",
-        "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "FLD"},
-        "subject": {"reference": subject},
-        "serviceProvider": {"reference": provider},
-        "period": period,
-    }
 
 
 def _page_ids(bundle: JSON) -> list[str]:
@@ -74,13 +62,13 @@ def visits(client: TestClient) -> dict[str, Any]:
         "spans-in": ("2031-02-20T08:00:00Z", "2031-03-03T08:00:00Z", unit_b),
     }
     made = {
-        name: create(client, _encounter(subject, f"Organization/{unit}", start, end))
+        name: create(client, visit_encounter(subject, f"Organization/{unit}", start, end))
         for name, (start, end, unit) in periods.items()
     }
-    create(client, _encounter(subject, f"Organization/{unit_a}", "2031-04-10T08:00:00Z", None))
+    create(client, visit_encounter(subject, f"Organization/{unit_a}", "2031-04-10T08:00:00Z", None))
     gone = create(
         client,
-        _encounter(
+        visit_encounter(
             subject, f"Organization/{unit_a}", "2031-03-15T08:00:00Z", "2031-03-15T09:00:00Z"
         ),
     )

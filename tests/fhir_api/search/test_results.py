@@ -9,22 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.builders import NATIONAL_ID, observation, patient
-from tests.fhir_api.search.helpers import FHIR_JSON, create, found, ids, search
+from tests.fhir_api.search.helpers import FHIR_JSON, create, found, ids, search, visit_encounter
 
 
 def _organization(client: TestClient, name: str) -> str:
     return create(client, {"resourceType": "Organization", "name": name})
-
-
-def _encounter(subject: str, provider: str, start: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Encounter",
-        "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "FLD"},
-        "subject": {"reference": subject},
-        "serviceProvider": {"reference": provider},
-        "period": {"start": start},
-    }
 
 
 def test_id_and_last_updated(client: TestClient) -> None:
@@ -129,7 +118,7 @@ def test_include_revinclude_and_iterate(client: TestClient) -> None:
         client, patient("IN1", managingOrganization={"reference": f"Organization/{provider}"})
     )
     encounter = create(
-        client, _encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-02")
+        client, visit_encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-02")
     )
     reading = observation(f"Patient/{subject}")
     reading["encounter"] = {"reference": f"Encounter/{encounter}"}
@@ -161,7 +150,7 @@ def test_revinclude_star_brings_every_referencing_type(client: TestClient) -> No
     subject = create(client, patient("RS1"))
     bystander = create(client, patient("RS2"))
     encounter = create(
-        client, _encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-03")
+        client, visit_encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-03")
     )
     observed = create(client, observation(f"Patient/{subject}"))
     create(client, observation(f"Patient/{bystander}"))
@@ -401,7 +390,7 @@ def test_revinclude_iterate_and_absolute_references(client: TestClient) -> None:
     provider = _organization(client, "Unit 02")
     subject = create(client, patient("RI1"))
     encounter = create(
-        client, _encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-03")
+        client, visit_encounter(f"Patient/{subject}", f"Organization/{provider}", "2026-11-03")
     )
     reading = observation(f"http://127.0.0.1:8000/fhir/Patient/{subject}")
     reading["encounter"] = {"reference": f"Encounter/{encounter}"}
