@@ -523,7 +523,13 @@ def _type_conditions(
 def _window_bounds(
     comparisons: Sequence[DateComparison],
 ) -> tuple[datetime | None, datetime | None]:
-    """Return what `high` must reach and what `low` must not pass, as the comparisons imply."""
+    """Return the bounds of a range every matching date row overlaps (for the range index).
+
+    Bounds from what `high` must reach and what `low` must not pass. When the first
+    is later (`date=ge2031-05&date=le2031-04`: a period spanning April), a match
+    contains the range between them, so it overlaps it too; tstzrange wants them
+    in order.
+    """
     floor: datetime | None = None
     ceiling: datetime | None = None
     for item in comparisons:
@@ -535,6 +541,8 @@ def _window_bounds(
             ceiling = item.high if ceiling is None else min(ceiling, item.high)
         elif item.prefix in ("lt", "eb"):
             ceiling = item.low if ceiling is None else min(ceiling, item.low)
+    if floor is not None and ceiling is not None and floor > ceiling:
+        return ceiling, floor
     return floor, ceiling
 
 

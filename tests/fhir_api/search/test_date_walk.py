@@ -103,6 +103,17 @@ def test_the_walk_pages_in_sort_order_both_ways(
         assert backward == expected
 
 
+def test_a_window_whose_bounds_cross_finds_the_periods_spanning_it(
+    client: TestClient, session: Session, visits: dict[str, Any]
+) -> None:
+    # Ends on or after the 25th and starts on or before the 21st: only the ongoing visit.
+    crossed = "date=ge2031-03-25&date=le2031-03-21"
+    for query in (crossed, f"{crossed}&_sort=-date"):
+        bundle = get_bundle(client, f"/fhir/Encounter?{query}")
+        assert _page_ids(bundle) == [visits["made"]["ongoing"]]
+    assert _walked(session, f"{crossed}&_sort=-date")
+
+
 def test_the_walk_answers_as_the_planner_does(
     client: TestClient,
     session: Session,
