@@ -692,7 +692,16 @@ def single_valued(resource_type: str, code: str) -> bool:
     except CompileError:
         return False
     paths = {branch.single_path for branch in branches}
-    return bool(branches) and None not in paths and len(paths) == 1
+    # Several branches are only one value if they are the variants of one choice
+    # element, each under its own JSON key (`X | X` or two filters of X are not).
+    keys = {branch.keys for branch in branches}
+    return (
+        bool(branches)
+        and None not in paths
+        and len(paths) == 1
+        and None not in keys
+        and len(keys) == len(branches)
+    )
 
 
 @functools.cache

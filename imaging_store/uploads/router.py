@@ -7,6 +7,7 @@ with problem+json bodies; every answer carries `Tus-Resumable`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -97,8 +98,10 @@ def _status_headers(status: service.UploadStatus) -> dict[str, str]:
 
 # What one hand-over from the event loop to the PATCH's worker thread carries at
 # most: the server receives a body in pieces of up to 64 KiB, and a hand-over per
-# piece cost more CPU than hashing it.
+# piece cost more CPU than hashing it. On a slow link a block goes after a few
+# seconds, whatever its size, so the PATCH keeps renewing its lease.
 BODY_BLOCK_BYTES = 1024 * 1024
+BODY_BLOCK_SECONDS = 2.0
 
 
 def _body_chunks(request: Request) -> Iterator[bytes]:
@@ -109,7 +112,8 @@ def _body_chunks(request: Request) -> Iterator[bytes]:
         pieces: list[bytes] = []
         size = 0
         state = "more"
-        while size < BODY_BLOCK_BYTES:
+        deadline = time.monotonic() + BODY_BLOCK_SECONDS
+        while size < BODY_BLOCK_BYTES and (not pieces or time.monotonic() < deadline):
             try:
                 piece = await anext(stream)
             except StopAsyncIteration:

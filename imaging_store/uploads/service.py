@@ -629,11 +629,18 @@ def _open_multipart(storage: BinaryStorage, claim: _Claim, *, token: uuid.UUID) 
     Recorded at once, not with the PATCH's other changes: if the PATCH fails
     later, the expiry sweep still knows the multipart upload to abort.
     """
-    multipart_upload_id = storage.start_multipart(
-        object_key(claim.binary_id), content_type=OPAQUE_CONTENT_TYPE
-    )
-    with session_scope() as session:
-        _leased_row(session, claim.id, token).multipart_upload_id = multipart_upload_id
+    key = object_key(claim.binary_id)
+    multipart_upload_id = storage.start_multipart(key, content_type=OPAQUE_CONTENT_TYPE)
+    try:
+        with session_scope() as session:
+            _leased_row(session, claim.id, token).multipart_upload_id = multipart_upload_id
+    except BaseException:
+        # Unrecorded, nothing would ever abort it.
+        try:
+            storage.abort_multipart(key, multipart_upload_id=multipart_upload_id)
+        except StorageUnavailable:
+            log.warning("imaging_store.multipart_left_open", upload_id=claim.id)
+        raise
     return multipart_upload_id
 
 

@@ -23,6 +23,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # The older schema cannot describe an upload without one: such uploads go
-    # (a finished one's Binary stays; an unfinished one is sent again).
+    # (a finished one's Binary stays; an unfinished one is sent again). Their
+    # staged tails, and an object put whole but not yet recorded, stay in the
+    # bucket: run the expiry sweep before downgrading to leave none.
     op.execute("DELETE FROM tus_upload WHERE multipart_upload_id IS NULL")
     op.alter_column("tus_upload", "multipart_upload_id", nullable=False)

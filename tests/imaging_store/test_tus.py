@@ -7,6 +7,7 @@ import hashlib
 import random
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,8 @@ from hub.settings import Settings
 from imaging_store.service import binary_storage
 from imaging_store.storage import BinaryStorage
 from imaging_store.uploads import service as uploads_service
+from imaging_store.uploads.errors import UploadBusy
+from imaging_store.uploads.models import TusUploadRow
 from imaging_store.uploads.router import router as uploads_router
 from imaging_store.uploads.service import PART_BYTES, sweep_expired_uploads
 from tests.imaging_store import samples
@@ -784,3 +787,24 @@ def test_an_object_put_whole_but_never_recorded_goes_when_its_upload_expires(
         )
     assert swept == 1
     assert binary_key not in stored_keys(s3, settings)
+
+
+def test_a_multipart_upload_opened_after_the_lease_was_lost_is_aborted(
+    uploads_url: str, auth_headers: Headers, s3: Minio, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 3 * PART_BYTES, headers)
+    upload_id = upload_url.rsplit("/", 1)[1]
+    with Session(committed) as session:
+        row = session.get(TusUploadRow, upload_id)
+        assert row is not None
+        claim = uploads_service._Claim.of(row)  # noqa: SLF001 - the step under test
+    # This PATCH's lease token is not the row's (another request took it over).
+    with pytest.raises(UploadBusy):
+        uploads_service._open_multipart(  # noqa: SLF001
+            binary_storage(settings), claim, token=uuid.uuid4()
+        )
+    assert _binary_key(committed, upload_url) not in _assembling_keys(s3, settings)
+    row_after = _upload_row(committed, upload_url)
+    assert row_after is not None
+    assert row_after["multipart_upload_id"] is None
