@@ -570,13 +570,16 @@ def _stage_body(
             if body_hash is not None:
                 body_hash.update(chunk)
             buffer += chunk
+            # Renewed before any part goes out: after a stall longer than the
+            # lease, a retry may own the upload, and this PATCH must not
+            # overwrite its parts (the renewal then refuses it).
+            if time.monotonic() - renewed_at > LEASE_RENEW_SECONDS:
+                _renew_lease(claim.id, token)
+                renewed_at = time.monotonic()
             # PART_BYTES stay behind to join what follows: the PATCH then
             # ends with a whole part rather than a tail to stage and read back.
             if len(buffer) >= 2 * PART_BYTES:
                 flush_part(len(buffer) - PART_BYTES)
-            if time.monotonic() - renewed_at > LEASE_RENEW_SECONDS:
-                _renew_lease(claim.id, token)
-                renewed_at = time.monotonic()
     except UploadInterrupted:
         # tus: keep what arrived, so the client resumes from there; a body
         # announced with a checksum cannot be verified in part, so it goes.

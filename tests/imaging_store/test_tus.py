@@ -808,3 +808,43 @@ def test_a_multipart_upload_opened_after_the_lease_was_lost_is_aborted(
     row_after = _upload_row(committed, upload_url)
     assert row_after is not None
     assert row_after["multipart_upload_id"] is None
+
+
+def test_a_patch_that_lost_its_lease_sends_no_more_parts(
+    uploads_url: str,
+    auth_headers: Headers,
+    settings: Settings,
+    committed: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    headers = auth_headers("unit-01")
+    content = _content(5 * PART_BYTES)
+    upload_url = _create(uploads_url, len(content), headers)
+    first = 2 * PART_BYTES + 1
+    assert _patch(upload_url, content[:first], 0, headers).status_code == 204
+    upload_id = upload_url.rsplit("/", 1)[1]
+    # After a long stall its lease ran out and a retry took the upload over.
+    with Session(committed) as session, session.begin():
+        row = session.get(TusUploadRow, upload_id)
+        assert row is not None and row.parts
+        claim = uploads_service._Claim.of(row)  # noqa: SLF001 - the step under test
+        row.lease_token = uuid.uuid4()
+        row.lease_expires_at = datetime.now(UTC) + timedelta(minutes=15)
+    sent: list[int] = []
+    original = BinaryStorage.upload_part
+
+    def recording(storage: BinaryStorage, key: str, **kwargs: Any) -> str:
+        sent.append(int(kwargs["part_number"]))
+        return str(original(storage, key, **kwargs))
+
+    monkeypatch.setattr(BinaryStorage, "upload_part", recording)
+    monkeypatch.setattr(uploads_service, "LEASE_RENEW_SECONDS", -1.0)
+    with pytest.raises(UploadBusy):
+        uploads_service._stage_body(  # noqa: SLF001
+            binary_storage(settings),
+            claim,
+            iter([content[first : first + 2 * PART_BYTES]]),
+            None,
+            token=uuid.uuid4(),
+        )
+    assert sent == []
