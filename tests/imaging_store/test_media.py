@@ -456,14 +456,17 @@ def _entity_references(event: JSON) -> set[str]:
 def test_downloads_of_a_patients_photo_are_audited_with_the_patient(
     client: TestClient, auth_headers: Headers, unit_01: dict[str, str]
 ) -> None:
-    binary_id = upload(client, unit_01, samples.jpeg())
+    admin, coordinator, stranger = (
+        auth_headers(name) for name in ("admin", "coordinator", "specialist.derm")
+    )
+    upload_request = uuid.uuid4().hex
+    binary_id = upload(client, unit_01, samples.jpeg(), **{"X-Request-Id": upload_request})
+    [uploaded] = _audit_events(client, admin, upload_request)
+    assert _entity_references(uploaded) == {f"Binary/{binary_id}"}
     refs = post_bundle(
         client, unit_01, visit_bundle(fresh_national_id(), "unit-01", media_of(binary_id))
     )
     patient_ref = refs[0]
-    admin, coordinator, stranger = (
-        auth_headers(name) for name in ("admin", "coordinator", "specialist.derm")
-    )
     paths = (
         f"/fhir/Binary/{binary_id}",
         f"/imaging/binaries/{binary_id}/thumbnail",

@@ -162,6 +162,19 @@ def _staged_keys(s3: Minio, settings: Settings, upload_url: str) -> set[str]:
     }
 
 
+def _expire_and_sweep(committed: Engine, settings: Settings, *upload_urls: str) -> int:
+    """Put these uploads past their expiry, run the sweep, and return how many it swept."""
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
+            [{"id": url.rsplit("/", 1)[1]} for url in upload_urls],
+        )
+    with Session(committed) as session, session.begin():
+        return sweep_expired_uploads(
+            session, storage=binary_storage(settings), now=datetime.now(UTC)
+        )
+
+
 def _stored_bytes(base: str, binary: str, headers: dict[str, str]) -> bytes:
     response = httpx.get(f"{base}/fhir/{binary}", headers=headers, timeout=60)
     assert response.status_code == 200, response.text
@@ -683,16 +696,7 @@ def test_a_tail_left_by_a_failed_patch_goes_when_the_finished_upload_is_swept(
     assert _patch(upload_url, content, 0, headers).status_code == 204
     # Completion lists nothing under the upload's prefix; the sweep at expiry does.
     assert _staged_keys(s3, settings, upload_url) == {orphan}
-    with committed.begin() as connection:
-        connection.execute(
-            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
-            {"id": upload_id},
-        )
-    with Session(committed) as session, session.begin():
-        swept = sweep_expired_uploads(
-            session, storage=binary_storage(settings), now=datetime.now(UTC)
-        )
-    assert swept == 1
+    assert _expire_and_sweep(committed, settings, upload_url) == 1
     assert _staged_keys(s3, settings, upload_url) == set()
 
 
@@ -776,16 +780,7 @@ def test_an_object_put_whole_but_never_recorded_goes_when_its_upload_expires(
     # What a PATCH that died between its PUT and recording the offset leaves.
     binary_storage(settings).put_bytes(binary_key, _content(10_000))
     assert binary_key in stored_keys(s3, settings)
-    with committed.begin() as connection:
-        connection.execute(
-            text("UPDATE tus_upload SET expires_at = now() - interval '1 minute' WHERE id = :id"),
-            {"id": upload_url.rsplit("/", 1)[1]},
-        )
-    with Session(committed) as session, session.begin():
-        swept = sweep_expired_uploads(
-            session, storage=binary_storage(settings), now=datetime.now(UTC)
-        )
-    assert swept == 1
+    assert _expire_and_sweep(committed, settings, upload_url) == 1
     assert binary_key not in stored_keys(s3, settings)
 
 
