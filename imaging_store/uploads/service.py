@@ -19,6 +19,12 @@ short unit of work records the new parts and offset and frees the lease. The
 offset advances only in that last step, so a store outage or a checksum
 mismatch leaves the upload where it was; parts a failed PATCH uploaded are
 never listed, and its retry overwrites them under the same part numbers.
+A PATCH that puts an upload whole records its offset and its Binary in one
+transaction: the offset never reaches the length without the Binary, and a
+retry after a failure sends the bytes again to the same key. A multipart
+upload, once completed, cannot take its parts again, so its last PATCH
+records the full offset first (state `assembling`); HEAD or a retry then
+finishes it.
 
 An upload is hashed, sniffed and UTF-8-checked as it streams when every one
 of its PATCHes reached the same API process (always so for one sent in a
@@ -487,6 +493,30 @@ def receive_chunk(
         digests: ContentDigests | None = None
         if claim.state == RECEIVING:
             staged = _stage_body(storage, claim, chunks, checksum, token=token)
+            if (
+                staged.offset == claim.length
+                and staged.multipart_upload_id is None
+                and staged.digests is not None
+            ):
+                # Put whole by this PATCH, every byte hashed: one transaction
+                # records the offset and the Binary. Should it fail, the upload
+                # stays at its old offset and a retry puts the same key again.
+                content_type = _sniff_or_purge(storage, upload_id, staged.digests, caller)
+                with session_scope() as session:
+                    row = _leased_row(session, upload_id, token)
+                    row.upload_offset = staged.offset
+                    status = _finish(
+                        session,
+                        row,
+                        content_type=content_type,
+                        digests=staged.digests,
+                        caller=caller,
+                        settings=settings,
+                    )
+                _keep_digests(upload_id, staged.offset, None)
+                if claim.tail_key is not None:
+                    _remove_quietly(storage, claim.tail_key)
+                return status
             with session_scope() as session:
                 row = _leased_row(session, upload_id, token)
                 row.multipart_upload_id = staged.multipart_upload_id
@@ -683,53 +713,81 @@ def _assemble(
         digests = ContentDigests()
         for chunk in storage.open(key):
             digests.feed(chunk)
-    try:
-        content_type = sniff_content_type(digests.head, valid_text=digests.valid_text)
-    except ContentTypeNotAllowed:
-        # Refused content is purged at once, not left for the sweep.
-        storage.remove(key)
-        _remove_prefix_quietly(storage, staging_prefix(upload_id))
-        with session_scope() as session:
-            repository.delete_upload(session, upload_id)
-        log.warning("imaging_store.upload_refused", upload_id=upload_id, client_id=caller.client_id)
-        raise
+    content_type = _sniff_or_purge(storage, upload_id, digests, caller)
     with session_scope() as session:
-        row = _leased_row(session, upload_id, token)
-        binary_row = _record_binary(
+        status = _finish(
             session,
-            row=row,
+            _leased_row(session, upload_id, token),
             content_type=content_type,
             digests=digests,
             caller=caller,
             settings=settings,
         )
-        # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
-        encounter = parse_upload_metadata(row.upload_metadata).get("encounter")
-        media.record_media_for_upload(
-            session,
-            binary_row,
-            caller,
-            settings.base_url,
-            enforce_referential_integrity=settings.enforce_referential_integrity,
-            encounter_id=encounter.removeprefix("Encounter/") if encounter else None,
-        )
-        row.state = COMPLETED
-        row.tail_key = None
-        row.tail_size = 0
-        row.lease_token = None
-        row.lease_expires_at = None
-        # A finished upload answers HEAD (with its Binary) this long, then goes.
-        row.expires_at = _now() + settings.expiry
-        status = _status(row)
+    return status
+
+
+def _sniff_or_purge(
+    storage: BinaryStorage, upload_id: str, digests: ContentDigests, caller: Caller
+) -> str:
+    """Return the stored upload's sniffed type; refused content is purged with its upload."""
+    try:
+        return sniff_content_type(digests.head, valid_text=digests.valid_text)
+    except ContentTypeNotAllowed:
+        # Refused content is purged at once, not left for the sweep.
+        with session_scope() as session:
+            row = repository.lock_upload(session, upload_id)
+            if row is not None:
+                storage.remove(object_key(row.binary_id))
+                repository.delete_upload(session, upload_id)
+        _remove_prefix_quietly(storage, staging_prefix(upload_id))
+        log.warning("imaging_store.upload_refused", upload_id=upload_id, client_id=caller.client_id)
+        raise
+
+
+def _finish(
+    session: Session,
+    row: TusUploadRow,
+    *,
+    content_type: str,
+    digests: ContentDigests,
+    caller: Caller,
+    settings: UploadSettings,
+) -> UploadStatus:
+    """Record a leased upload's stored object as its Binary (and Media) and mark it done."""
+    binary_row = _record_binary(
+        session,
+        row=row,
+        content_type=content_type,
+        digests=digests,
+        caller=caller,
+        settings=settings,
+    )
+    # An upload naming its patient gets its Media at once (DESIGN.md "the Media").
+    encounter = parse_upload_metadata(row.upload_metadata).get("encounter")
+    media.record_media_for_upload(
+        session,
+        binary_row,
+        caller,
+        settings.base_url,
+        enforce_referential_integrity=settings.enforce_referential_integrity,
+        encounter_id=encounter.removeprefix("Encounter/") if encounter else None,
+    )
+    row.state = COMPLETED
+    row.tail_key = None
+    row.tail_size = 0
+    row.lease_token = None
+    row.lease_expires_at = None
+    # A finished upload answers HEAD (with its Binary) this long, then goes.
+    row.expires_at = _now() + settings.expiry
     log.info(
         "imaging_store.upload_completed",
-        upload_id=upload_id,
-        binary_id=claim.binary_id,
+        upload_id=row.id,
+        binary_id=row.binary_id,
         content_type=content_type,
         size=digests.size,
         client_id=caller.client_id,
     )
-    return status
+    return _status(row)
 
 
 def _record_binary(

@@ -612,6 +612,49 @@ def test_metadata_naming_a_patient_sets_the_binary_security_context(
     assert again.headers["Waha-Binary"] == finished.headers["Waha-Binary"]
 
 
+def test_an_upload_put_whole_but_not_recorded_stays_at_its_offset_for_the_retry(
+    uploads_url: str, auth_headers: Headers, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    fhir_headers = {**headers, "Content-Type": "application/fhir+json"}
+    base = uploads_url.removesuffix("/imaging/uploads")
+    created = httpx.post(
+        f"{base}/fhir/Patient", json={"resourceType": "Patient", "gender": "male"}, headers=headers
+    )
+    assert created.status_code == 201, created.text
+    patient = created.json()
+    content = samples.png()
+    upload_url = _create(
+        uploads_url,
+        len(content),
+        headers,
+        **{"Upload-Metadata": _metadata(patient=f"Patient/{patient['id']}")},
+    )
+    binary_id = _binary_key(committed, upload_url).removeprefix("binaries/")
+    # The patient goes between creation and the PATCH: the Binary cannot be recorded.
+    assert httpx.delete(f"{base}/fhir/Patient/{patient['id']}", headers=headers).is_success
+
+    refused = _patch(upload_url, content, 0, headers)
+    _assert_problem(refused, 422, "dangling-reference")
+    # Not at its full length without a Binary: a client that looks finds the
+    # bytes still to send, rather than a finished upload with nothing behind it.
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+    with committed.connect() as connection:
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM binary_object WHERE id = :id"), {"id": binary_id}
+            ).scalar_one()
+            == 0
+        )
+
+    restored = httpx.put(f"{base}/fhir/Patient/{patient['id']}", json=patient, headers=fhir_headers)
+    assert restored.is_success, restored.text
+    finished = _patch(upload_url, content, 0, headers)
+    assert finished.status_code == 204, finished.text
+    assert finished.headers["Waha-Binary"] == f"Binary/{binary_id}"
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+
+
 def _binary_object(engine: Engine, binary: str) -> Any:
     with engine.connect() as connection:
         return connection.execute(
