@@ -84,6 +84,11 @@ DRIVING_ENTRY = STRINGS.alias("entry")
 EARLIER_ENTRY = STRINGS.alias("earlier")
 # A search sorted by the date it filters on walks that date's rows in order.
 WALKED_DATE = DATES.alias("walked")
+WALKED_RANGE = func.tstzrange(
+    func.least(WALKED_DATE.c.low, WALKED_DATE.c.high),
+    func.greatest(WALKED_DATE.c.low, WALKED_DATE.c.high),
+    "[]",
+)
 # Keyed criteria the planner expects to match fewer resources than this drive a
 # sorted date search better than the date walk does (a patient's encounters,
 # not a unit's). The estimate costs a planning; it is kept a while per process,
@@ -420,15 +425,19 @@ def match_condition(
     scope: SearchScope,
     *,
     slotted: bool = False,
+    walked: str | None = None,
 ) -> ColumnElement[bool]:
     """Return the condition of a (possibly multi-type) search, scope included.
 
-    `slotted` leaves the values of keyed criteria as named parameters (`_slot_values`).
+    `slotted` leaves the values of keyed criteria as named parameters (`_slot_values`);
+    the window of date param `walked` is tested by a date walk instead.
     """
     per_type = [
         and_(
             resource.c.resource_type == t,
-            *_type_conditions(resource, t, found, scope, slots=n if slotted else None),
+            *_type_conditions(
+                resource, t, found, scope, slots=n if slotted else None, walked=walked
+            ),
         )
         for n, (t, found) in enumerate(criteria.items())
     ]
@@ -470,7 +479,9 @@ def _type_conditions(
     scope: SearchScope,
     *,
     slots: int | None = None,
+    walked: str | None = None,
 ) -> list[ColumnElement[bool]]:
+    """Return one type's conditions; the window of date param `walked` is left to its walk."""
     # Single-valued date criteria on one param (`date=ge..&date=lt..`) are tested
     # against the same date row: one range scan instead of two unselective half-open
     # ones. It differs from separate tests only for a resource with several values.
@@ -487,37 +498,56 @@ def _type_conditions(
         elif not _windowed(criterion):
             conditions.append(condition_for(resource, resource_type, criterion, scope))
     for window, (param, comparisons) in enumerate(_windows(criteria).items()):
-        if slots is None:
-            tests = [_date_condition(DATES.c.low, DATES.c.high, c) for c in comparisons]
-            floor, ceiling = _window_bounds(comparisons)
-            hint = _window_hint(floor, ceiling)
-        else:
-            # A reused statement: the bounds are parameters (`_slot_values`); which
-            # tests and window sides exist depends on the prefixes, part of its shape.
-            instant = DateTime(timezone=True)
-            tests = [
-                _date_condition(
-                    DATES.c.low,
-                    DATES.c.high,
-                    _DateSlots(
-                        c.prefix,
-                        bindparam(_date_slot(slots, window, f"{n}_low"), type_=instant),
-                        bindparam(_date_slot(slots, window, f"{n}_high"), type_=instant),
-                    ),
-                )
-                for n, c in enumerate(comparisons)
-            ]
-            floor, ceiling = _window_bounds(comparisons)
-            hint = _window_hint(
-                None
-                if floor is None
-                else bindparam(_date_slot(slots, window, "floor"), type_=instant),
-                None
-                if ceiling is None
-                else bindparam(_date_slot(slots, window, "ceiling"), type_=instant),
-            )
+        if param == walked:
+            continue
+        tests, floor, ceiling = _window_tests(
+            DATES.c.low,
+            DATES.c.high,
+            comparisons,
+            slots=None if slots is None else (slots, window),
+        )
+        hint = _window_hint(DATE_RANGE, floor, ceiling)
         conditions.append(_side(DATES, resource, param, *tests, *hint))
     return conditions
+
+
+def _window_tests(
+    low: ColumnElement[datetime],
+    high: ColumnElement[datetime],
+    comparisons: Sequence[DateComparison],
+    *,
+    slots: tuple[int, int] | None,
+) -> tuple[list[ColumnElement[bool]], Any, Any]:
+    """Return a date window's tests of one row, and the bounds of a range every match overlaps.
+
+    With `slots` (type number, window number), for a reused statement, the
+    instants are named parameters (`_slot_values`); which tests and bounds exist
+    depends on the prefixes, part of its shape.
+    """
+    floor: Any
+    ceiling: Any
+    floor, ceiling = _window_bounds(comparisons)
+    if slots is None:
+        return [_date_condition(low, high, c) for c in comparisons], floor, ceiling
+    instant = DateTime(timezone=True)
+    type_number, window = slots
+    tests = [
+        _date_condition(
+            low,
+            high,
+            _DateSlots(
+                c.prefix,
+                bindparam(_date_slot(type_number, window, f"{n}_low"), type_=instant),
+                bindparam(_date_slot(type_number, window, f"{n}_high"), type_=instant),
+            ),
+        )
+        for n, c in enumerate(comparisons)
+    ]
+    if floor is not None:
+        floor = bindparam(_date_slot(type_number, window, "floor"), type_=instant)
+    if ceiling is not None:
+        ceiling = bindparam(_date_slot(type_number, window, "ceiling"), type_=instant)
+    return tests, floor, ceiling
 
 
 def _window_bounds(
@@ -546,12 +576,14 @@ def _window_bounds(
     return floor, ceiling
 
 
-def _window_hint(floor: Any, ceiling: Any) -> list[ColumnElement[bool]]:
+def _window_hint(
+    row_range: ColumnElement[Any], floor: Any, ceiling: Any
+) -> list[ColumnElement[bool]]:
     """Return the range-overlap test the bounds imply (for the range index), if any."""
     if floor is None and ceiling is None:
         return []
     window = func.tstzrange(floor, ceiling, "[]")
-    return [DATE_RANGE.bool_op("&&")(window)]
+    return [row_range.bool_op("&&")(window)]
 
 
 def sort_expression(resource: FromClause, key: SortKey) -> ColumnElement[Any]:
@@ -645,7 +677,9 @@ def page_statement(
     directions = [key.descending != backwards for key in sort]
     walked = date_walk(criteria, sort) if walk_dates else None
     if walked is not None:
-        page = _date_walk_page(resource, criteria, sort[0], walked, scope, after, backwards, limit)
+        page = _date_walk_page(
+            resource, criteria, sort[0], walked, scope, after, backwards, limit, slotted=slotted
+        )
         return _page_with_resources(page, directions, backwards)
     condition = match_condition(resource, criteria, scope, slotted=slotted)
     if sort:
@@ -763,6 +797,8 @@ def _date_walk_page(
     after: Sequence[Any] | None,
     backwards: bool,
     limit: int,
+    *,
+    slotted: bool = False,
 ) -> Subquery:
     """Return a page of (s0, type, id): the window's date rows in sort order, checked lazily.
 
@@ -776,19 +812,17 @@ def _date_walk_page(
     dates = WALKED_DATE
     descending = key.descending != backwards
     value = dates.c.high if key.descending else dates.c.low
-    floor, ceiling = _window_bounds(window)
-    range_of_row = func.tstzrange(
-        func.least(dates.c.low, dates.c.high), func.greatest(dates.c.low, dates.c.high), "[]"
+    ((_, found),) = criteria.items()
+    # Numbered as `_slot_values` numbers the windows of the search's one type.
+    window_number = list(_windows(found)).index(key.code)
+    tests, floor, ceiling = _window_tests(
+        dates.c.low, dates.c.high, window, slots=(0, window_number) if slotted else None
     )
     rows = select(value.label("s0"), dates.c.resource_type, dates.c.resource_id.label("id")).where(
         dates.c.resource_type == resource_type,
         dates.c.param == key.code,
-        *(_date_condition(dates.c.low, dates.c.high, c) for c in window),
-        *(
-            []
-            if floor is None and ceiling is None
-            else [range_of_row.bool_op("&&")(func.tstzrange(floor, ceiling, "[]"))]
-        ),
+        *tests,
+        *_window_hint(WALKED_RANGE, floor, ceiling),
     )
     # The order of every sorted page: the value, then (type, id) as the tie-break.
     keyed = [
@@ -799,17 +833,13 @@ def _date_walk_page(
     if after is not None:
         rows = rows.where(_after(keyed, after))
     ordered = rows.order_by(*(c.desc() if d else c.asc() for c, d in keyed)).subquery("ordered")
-    others = {
-        t: [c for c in found if not (_windowed(c) and getattr(c, "param", None) == key.code)]
-        for t, found in criteria.items()
-    }
     check = (
         select(literal(1).label("ok"))
         .select_from(resource)
         .where(
             resource.c.resource_type == ordered.c.resource_type,
             resource.c.id == ordered.c.id,
-            match_condition(resource, others, scope),
+            match_condition(resource, criteria, scope, slotted=slotted, walked=key.code),
         )
         .offset(0)
         .lateral("checked")
@@ -924,8 +954,7 @@ def list_page(
     values: dict[str, Any] = {}
     shape = None
     walk_dates = walks_dates(session, criteria, sort)
-    if not walk_dates:
-        shape = _page_shape(criteria, sort, after, backwards, limit, scope)
+    shape = _page_shape(criteria, sort, after, backwards, limit, scope, walk_dates)
     if shape is None:
         statement = page_statement(
             criteria=criteria,
@@ -937,7 +966,9 @@ def list_page(
             walk_dates=walk_dates,
         )
     else:
-        statement = _page_template(shape, criteria, sort, after, backwards, limit, scope)
+        statement = _page_template(
+            shape, criteria, sort, after, backwards, limit, scope, walk_dates
+        )
         values = {**scope.parameters, **_slot_values(criteria, sort, after)}
     width = len(cursor_kinds(criteria, sort))
     return [
@@ -970,6 +1001,7 @@ def _page_shape(
     backwards: bool,
     limit: int,
     scope: SearchScope,
+    walk_dates: bool,
 ) -> Hashable | None:
     """Return what a reusable page query depends on, or None when it cannot be reused."""
     # A scope without a key is its own SQL; a sorted cursor's SQL depends on which
@@ -995,7 +1027,7 @@ def _page_shape(
             negate = not isinstance(criterion, ReferenceCriterion) and criterion.negate
             kinds.append((type(criterion), negate))
         shape.append((resource_type, tuple(kinds)))
-    return (tuple(shape), tuple(sort), after is not None, backwards, limit, scope.key)
+    return (tuple(shape), tuple(sort), after is not None, backwards, limit, scope.key, walk_dates)
 
 
 def _page_template(
@@ -1006,6 +1038,7 @@ def _page_template(
     backwards: bool,
     limit: int,
     scope: SearchScope,
+    walk_dates: bool,
 ) -> Select[Any]:
     template = _TEMPLATES.get(shape)
     if template is None:
@@ -1018,6 +1051,7 @@ def _page_template(
             limit=limit,
             scope=scope,
             slotted=True,
+            walk_dates=walk_dates,
         )
         if len(_TEMPLATES) >= MAX_TEMPLATES:
             # Only a caller spraying shapes fills it; starting over is simple and thread-safe.
@@ -1106,8 +1140,31 @@ def list_by_keys(
     session: Session, keys: Sequence[tuple[str, str]], scope: SearchScope
 ) -> list[tuple[str, str, str, list[str]]]:
     """Return (type, id, json, refs) of the visible resources among `keys` (for _include)."""
-    if not keys:
-        return []
+    ids_by_type: dict[str, list[str]] = {}
+    for resource_type, resource_id in keys:
+        ids_by_type.setdefault(resource_type, []).append(resource_id)
+    statement = _keys_statement(scope)
+    found: list[tuple[str, str, str, list[str]]] = []
+    for resource_type in sorted(ids_by_type):
+        values = {**scope.parameters, "type": resource_type, "ids": ids_by_type[resource_type]}
+        found.extend(
+            (str(r[0]), str(r[1]), str(r[2]), list(r[3] or ()))
+            for r in session.execute(statement, values)
+        )
+    return found
+
+
+# One statement per scope key (ids as an array, not an IN list rendered per call):
+# its SQL and cache key are made once.
+_KEYS_STATEMENTS: dict[Hashable, Select[Any]] = {}
+
+
+def _keys_statement(scope: SearchScope) -> Select[Any]:
+    """Return the (type, id, json, refs) query of given ids of one type within a scope."""
+    reusable = scope.condition is None or scope.key is not None
+    statement = _KEYS_STATEMENTS.get(scope.key) if reusable else None
+    if statement is not None:
+        return statement
     resource = MATCHED
     statement = (
         select(
@@ -1117,12 +1174,17 @@ def list_by_keys(
             resource.c.refs,
         )
         .where(
-            tuple_(resource.c.resource_type, resource.c.id).in_(list(keys)),
+            resource.c.resource_type == bindparam("type", type_=Text),
+            resource.c.id == func.any(bindparam("ids", type_=ARRAY(Text))),
             *visible(resource, scope),
         )
-        .order_by(resource.c.resource_type, resource.c.id)
+        .order_by(resource.c.id)
     )
-    return [(str(r[0]), str(r[1]), str(r[2]), list(r[3] or ())) for r in session.execute(statement)]
+    if reusable:
+        if len(_KEYS_STATEMENTS) >= MAX_TEMPLATES:
+            _KEYS_STATEMENTS.clear()
+        _KEYS_STATEMENTS[scope.key] = statement
+    return statement
 
 
 def list_referencing(

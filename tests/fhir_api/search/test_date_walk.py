@@ -80,6 +80,7 @@ def visits(client: TestClient) -> dict[str, Any]:
     earliest_first = [made["spans-in"], made["early"], *ties, made["ongoing"], made["late"]]
     return {
         "made": made,
+        "subject": subject,
         "unit_a": unit_a,
         "latest_first": latest_first,
         "earliest_first": earliest_first,
@@ -101,6 +102,39 @@ def test_the_walk_pages_in_sort_order_both_ways(
         forward, backward = _walk_pages(client, f"/fhir/Encounter?{query}")
         assert forward == expected
         assert backward == expected
+
+
+def test_one_walk_statement_serves_every_window_of_its_shape(
+    client: TestClient, session: Session, visits: dict[str, Any]
+) -> None:
+    made = visits["made"]
+    ties = sorted(made[name] for name in ("tie-1", "tie-2", "tie-3"))
+    early_march = "date=ge2031-03-01&date=lt2031-03-11&_sort=-date"
+    late_march = "date=ge2031-03-20&date=lt2031-03-29&_sort=-date"
+    assert _walked(session, early_march)
+    # The same shape (prefixes, sort, page size) with other instants, and back.
+    for query, expected in (
+        (early_march, [*ties, made["spans-in"], made["early"]]),
+        (late_march, [made["ongoing"], made["late"]]),
+        (early_march, [*ties, made["spans-in"], made["early"]]),
+    ):
+        assert _page_ids(get_bundle(client, f"/fhir/Encounter?{query}")) == expected
+
+    # Another date window after the walked one: each keeps its own bounds.
+    moved = visit_encounter(
+        visits["subject"], f"Organization/{visits['unit_a']}", "2031-03-05T08:00:00Z"
+    )
+    moved["location"] = [
+        {"location": {"display": "Tent"}, "period": {"start": "2031-03-05", "end": "2031-03-06"}}
+    ]
+    moved_id = create(client, moved)
+    for days, expected in ((("05", "06"), [moved_id]), (("07", "08"), [])):
+        query = (
+            f"{early_march}"
+            f"&location-period=ge2031-03-{days[0]}&location-period=le2031-03-{days[1]}"
+        )
+        assert _walked(session, query)
+        assert _page_ids(get_bundle(client, f"/fhir/Encounter?{query}")) == expected
 
 
 def test_a_window_whose_bounds_cross_finds_the_periods_spanning_it(
