@@ -145,6 +145,17 @@ class SearchDateRow(Base):
             text("tstzrange(least(low, high), greatest(low, high), '[]')"),
             postgresql_using="gist",
         ),
+        # Period ends in `-date` order with the id as tie-break, and the start
+        # alongside: a search sorted by the date it filters on reads a page of
+        # it, index only (fhir_api.search.repository._date_walk_page).
+        Index(
+            "ix_fhir_search_date_walk",
+            "resource_type",
+            "param",
+            text("high DESC"),
+            "resource_id",
+            postgresql_include=["low"],
+        ),
     )
 
     # No surrogate key: rows are only ever found through the indexes and

@@ -36,6 +36,7 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
+    union_all,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -82,13 +83,11 @@ STORED = RESOURCE.alias("stored")
 # resource once, at the first of its matching values ("earlier" finds the others).
 DRIVING_ENTRY = STRINGS.alias("entry")
 EARLIER_ENTRY = STRINGS.alias("earlier")
-# A search sorted by the date it filters on walks that date's rows in order.
-WALKED_DATE = DATES.alias("walked")
-WALKED_RANGE = func.tstzrange(
-    func.least(WALKED_DATE.c.low, WALKED_DATE.c.high),
-    func.greatest(WALKED_DATE.c.low, WALKED_DATE.c.high),
-    "[]",
-)
+# A search sorted by the date it filters on walks that date's rows in order:
+# those across the window's edge (from the range index), then those within it
+# (from a btree in sort order), in a union the planner merges lazily.
+EDGE_DATE = DATES.alias("edge")
+INNER_DATE = DATES.alias("inner")
 # Keyed criteria the planner expects to match fewer resources than this drive a
 # sorted date search better than the date walk does (a patient's encounters,
 # not a unit's). The estimate costs a planning; it is kept a while per process,
@@ -802,37 +801,96 @@ def _date_walk_page(
 ) -> Subquery:
     """Return a page of (s0, type, id): the window's date rows in sort order, checked lazily.
 
-    The rows come sorted (one per resource: the parameter is single-valued), and
-    each is checked against the other criteria and the caller's scope in a
-    lateral subquery the planner cannot fold into a join, so the walk stops
-    after a page. `OFFSET 0` keeps that subquery apart, and the ordered rows
-    keep their order through the nested loop.
+    `-date` sorts by a period's end (`high`), `date` by its start (`low`); the
+    parameter is single-valued, so each resource has one row. The rows come in
+    two parts that never interleave: those across the window's edge on the sort
+    side (a period ending after its end, for `-date`), few, from the range index
+    and sorted; then those within, read from a btree in sort order, so the walk
+    reads a page's worth and not the whole window. Each row is checked against
+    the other criteria and the caller's scope in a lateral subquery the planner
+    cannot fold into a join, so the walk stops after a page. `OFFSET 0` keeps
+    each part and that subquery apart: pushed into a part, the window's tests
+    would tempt the planner into fetching and sorting the window.
     """
     resource_type, window = walked
-    dates = WALKED_DATE
     descending = key.descending != backwards
-    value = dates.c.high if key.descending else dates.c.low
     ((_, found),) = criteria.items()
     # Numbered as `_slot_values` numbers the windows of the search's one type.
     window_number = list(_windows(found)).index(key.code)
-    tests, floor, ceiling = _window_tests(
-        dates.c.low, dates.c.high, window, slots=(0, window_number) if slotted else None
-    )
-    rows = select(value.label("s0"), dates.c.resource_type, dates.c.resource_id.label("id")).where(
-        dates.c.resource_type == resource_type,
-        dates.c.param == key.code,
-        *tests,
-        *_window_hint(WALKED_RANGE, floor, ceiling),
-    )
-    # The order of every sorted page: the value, then (type, id) as the tie-break.
+    slots = (0, window_number) if slotted else None
+    _, floor, ceiling = _window_tests(DATES.c.low, DATES.c.high, window, slots=slots)
+    # Every match overlaps [floor, ceiling]; the edge is the bound on the sort side.
+    edge, far = (ceiling, floor) if key.descending else (floor, ceiling)
+    position = None if after is None else after[0]
+
+    def part(dates: FromClause, *conditions: ColumnElement[bool]) -> Select[Any]:
+        """Select one part's rows in walk order, `dates` a date table or subquery of one."""
+        value = dates.c.high if key.descending else dates.c.low
+        bounds: list[ColumnElement[bool]] = []
+        if position is not None:
+            # Implied by the cursor, and a range of the btree (the exact test is below).
+            bounds.append(value <= position if descending else value >= position)
+        return (
+            select(
+                value.label("s0"),
+                dates.c.low,
+                dates.c.high,
+                dates.c.resource_type,
+                dates.c.resource_id.label("id"),
+            )
+            .where(*conditions, *bounds)
+            .order_by(
+                value.desc() if descending else value.asc(),
+                dates.c.resource_type.desc() if backwards else dates.c.resource_type.asc(),
+                dates.c.resource_id.desc() if backwards else dates.c.resource_id.asc(),
+            )
+            .offset(0)
+        )
+
+    inner_value = INNER_DATE.c.high if key.descending else INNER_DATE.c.low
+    inner = [INNER_DATE.c.resource_type == resource_type, INNER_DATE.c.param == key.code]
+    if far is not None:
+        inner.append(inner_value >= far if key.descending else inner_value <= far)
+    if edge is None:
+        rows: Subquery = part(INNER_DATE, *inner).subquery("rows")
+    else:
+        inner.append(inner_value < edge if key.descending else inner_value >= edge)
+        edge_range = func.tstzrange(
+            func.least(EDGE_DATE.c.low, EDGE_DATE.c.high),
+            func.greatest(EDGE_DATE.c.low, EDGE_DATE.c.high),
+            "[]",
+        )
+        # Only the range test inside, so that even a generic plan, blind to the
+        # instants, takes the range index: `high >= edge` on the btree would read
+        # every later period.
+        across_edge = (
+            select(EDGE_DATE)
+            .where(
+                EDGE_DATE.c.resource_type == resource_type,
+                EDGE_DATE.c.param == key.code,
+                edge_range.bool_op("&&")(func.tstzrange(edge, edge, "[]")),
+            )
+            .offset(0)
+            .subquery("across_edge")
+        )
+        edge_value = across_edge.c.high if key.descending else across_edge.c.low
+        across = part(across_edge, edge_value >= edge if key.descending else edge_value < edge)
+        rows = union_all(across, part(INNER_DATE, *inner)).subquery("rows")
+    tests, _, _ = _window_tests(rows.c.low, rows.c.high, window, slots=slots)
     keyed = [
-        (value, descending),
-        (dates.c.resource_type, backwards),
-        (dates.c.resource_id, backwards),
+        (rows.c.s0, descending),
+        (rows.c.resource_type, backwards),
+        (rows.c.id, backwards),
     ]
+    conditions = [*tests]
     if after is not None:
-        rows = rows.where(_after(keyed, after))
-    ordered = rows.order_by(*(c.desc() if d else c.asc() for c, d in keyed)).subquery("ordered")
+        conditions.append(_after(keyed, after))
+    ordered = (
+        select(rows.c.s0, rows.c.resource_type, rows.c.id)
+        .where(*conditions)
+        .order_by(*(c.desc() if d else c.asc() for c, d in keyed))
+        .subquery("ordered")
+    )
     check = (
         select(literal(1).label("ok"))
         .select_from(resource)

@@ -171,6 +171,56 @@ def test_the_walk_answers_as_the_planner_does(
     assert len([e for e in included["entry"] if e["search"]["mode"] == "include"]) == 1
 
 
+def test_periods_on_the_window_edges_page_alike_with_and_without_the_walk(
+    client: TestClient, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk splits rows at the window's edge: rows on and across it land once, in order."""
+    unit = create(client, {"resourceType": "Organization", "name": "Walk edges"})
+    subject = f"Patient/{create(client, patient('WALK2'))}"
+    periods = [
+        # Microseconds: an end exactly on the ceiling (whole seconds cover one).
+        ("2031-05-31T22:00:00Z", "2031-06-01T00:00:00.000000Z"),  # ends on the ceiling
+        ("2031-06-01T00:00:00Z", "2031-06-01T00:00:00Z"),  # a second from the ceiling
+        ("2031-05-01T00:00:00Z", "2031-05-01T01:00:00Z"),  # starts on the floor
+        ("2031-04-30T23:00:00Z", "2031-05-01T00:30:00Z"),  # across the floor
+        ("2031-05-31T23:30:00Z", "2031-06-01T02:00:00Z"),  # across the ceiling
+        ("2031-04-01T00:00:00Z", "2031-07-01T00:00:00Z"),  # across the whole window
+        ("2031-05-15T10:00:00Z", "2031-05-15T11:00:00Z"),
+        ("2031-05-15T10:00:00Z", "2031-05-15T11:00:00Z"),  # a tie
+        ("2031-04-20T08:00:00Z", None),  # ongoing
+        ("2031-05-31", "2031-06-01"),  # days, not instants
+        ("2031-06-02T08:00:00Z", "2031-06-03T08:00:00Z"),  # after
+        ("2031-04-01T08:00:00Z", "2031-04-02T08:00:00Z"),  # before
+    ]
+    for start, end in periods:
+        create(client, visit_encounter(subject, f"Organization/{unit}", start, end))
+    windows = [
+        "date=ge2031-05-01&date=lt2031-06-01",
+        "date=gt2031-05-01&date=le2031-05-31",
+        "date=ge2031-05-01",
+        "date=lt2031-06-01",
+        "date=eq2031-05",
+        "date=ge2031-05-15&date=le2031-05-01",
+        "date=sa2031-04-30&date=eb2031-06-02",
+        "date=ap2031-05-31",
+    ]
+    queries = [
+        f"service-provider=Organization/{unit}&{window}&_sort={sort}&_count=2"
+        for window in windows
+        for sort in ("-date", "date")
+    ]
+    # The unit has few encounters: its reference drives, as the planner chooses.
+    planned = {query: _walk_pages(client, f"/fhir/Encounter?{query}") for query in queries}
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
+    for query in queries:
+        assert _walked(session, query)
+        forward, backward = _walk_pages(client, f"/fhir/Encounter?{query}")
+        assert (forward, backward) == planned[query], query
+        assert forward == backward
+    assert any(len(found) > 4 for found, _ in planned.values())
+
+
 def test_the_walk_keeps_to_the_callers_scope(
     client: TestClient, session: Session, visits: dict[str, Any]
 ) -> None:
