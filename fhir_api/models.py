@@ -135,7 +135,6 @@ class SearchDateRow(Base):
     __tablename__ = "fhir_search_date"
     __table_args__ = (
         Index("ix_fhir_search_date_owner", "resource_type", "resource_id"),
-        Index("ix_fhir_search_date_lookup", "resource_type", "param", "low", "high"),
         # Date prefixes become one range-overlap test; GiST answers it without
         # scanning every row of a parameter (btree_gist for the text columns).
         Index(
@@ -145,11 +144,21 @@ class SearchDateRow(Base):
             text("tstzrange(least(low, high), greatest(low, high), '[]')"),
             postgresql_using="gist",
         ),
-        # Period ends in `-date` order with the id as tie-break, and the start
-        # alongside: a search sorted by the date it filters on reads a page of
-        # it, index only (fhir_api.search.repository._date_walk_page).
+        # In the two sort orders of a date (`date` by period start, `-date` by
+        # end) with the id as tie-break, and the other bound alongside: a search
+        # sorted by the date it filters on reads a page of one, index only
+        # (fhir_api.search.repository._date_walk_page); range conditions on a
+        # bound read the ids from them too.
         Index(
-            "ix_fhir_search_date_walk",
+            "ix_fhir_search_date_by_start",
+            "resource_type",
+            "param",
+            "low",
+            "resource_id",
+            postgresql_include=["high"],
+        ),
+        Index(
+            "ix_fhir_search_date_by_end",
             "resource_type",
             "param",
             text("high DESC"),
