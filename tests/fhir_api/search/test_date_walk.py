@@ -130,8 +130,7 @@ def test_one_walk_statement_serves_every_window_of_its_shape(
     moved_id = create(client, moved)
     for days, expected in ((("05", "06"), [moved_id]), (("07", "08"), [])):
         query = (
-            f"{early_march}"
-            f"&location-period=ge2031-03-{days[0]}&location-period=le2031-03-{days[1]}"
+            f"{early_march}&location-period=ge2031-03-{days[0]}&location-period=le2031-03-{days[1]}"
         )
         assert _walked(session, query)
         assert _page_ids(get_bundle(client, f"/fhir/Encounter?{query}")) == expected
