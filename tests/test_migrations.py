@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from hub.cli import alembic_config
 from hub.settings import Settings
@@ -29,22 +32,75 @@ def test_the_string_index_is_in_byte_order_with_the_id_as_key(
     ), definition
 
 
-def test_downgrade_to_base_and_upgrade_again(
-    settings: Settings, run_id: str, worker_id: str
-) -> None:
-    name = f"waha_migrations_{run_id}_{worker_id}"
+@contextmanager
+def _scratch_database(settings: Settings, name: str) -> Iterator[str]:
+    """Create an empty database owned by the schema owner; yield its migration URL."""
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         connection.execute(text(f'CREATE DATABASE "{name}" OWNER {OWNER_ROLE}'))
-    url = str(settings.migration_database_url).rsplit("/", 1)[0] + f"/{name}"
     try:
+        yield str(settings.migration_database_url).rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_downgrade_to_base_and_upgrade_again(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_migrations_{run_id}_{worker_id}") as url:
         config = alembic_config(url)
         command.upgrade(config, "head")
         command.downgrade(config, "base")
         command.upgrade(config, "head")
         command.check(config)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_date_rows_become_ordered_and_a_half_built_date_index_is_rebuilt(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_dates_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0014")
+        engine = create_engine(url)
+        # Marking an index invalid takes a superuser, as the admin URL is.
+        admin = create_engine(make_url(ADMIN_URL).set(database=make_url(url).database))
+        with engine.begin() as connection:
+            # Written by the indexer before 0016: a period whose start is after its end.
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_search_date (resource_type, resource_id, param, low, high)"
+                    " VALUES ('Encounter', 'e1', 'date', '2031-05-10', '2031-04-20')"
+                )
+            )
+            # What an interrupted CREATE INDEX CONCURRENTLY leaves: an invalid index.
+            connection.execute(
+                text("CREATE INDEX ix_fhir_search_date_by_start ON fhir_search_date (param)")
+            )
+        with admin.begin() as connection:
+            connection.execute(
+                text(
+                    "UPDATE pg_index SET indisvalid = false"
+                    " WHERE indexrelid = 'ix_fhir_search_date_by_start'::regclass"
+                )
+            )
         admin.dispose()
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT low, high FROM fhir_search_date")).one()
+            definition = connection.execute(
+                text("SELECT pg_get_indexdef('ix_fhir_search_date_by_start'::regclass)")
+            ).scalar_one()
+            valid = connection.execute(
+                text(
+                    "SELECT indisvalid FROM pg_index"
+                    " WHERE indexrelid = 'ix_fhir_search_date_by_start'::regclass"
+                )
+            ).scalar_one()
+        engine.dispose()
+        assert row.low < row.high
+        assert row.low.date().isoformat() == "2031-04-20"
+        assert definition.endswith("(resource_type, param, low, resource_id) INCLUDE (high)")
+        assert valid

@@ -235,6 +235,11 @@ def _period_bounds(period: Any) -> tuple[datetime, datetime] | None:
     # A missing end means "ongoing", a missing start "since ever" (R4 search, date).
     low = low_range[0] if low_range is not None else DATE_MIN
     high = high_range[1] if high_range is not None else DATE_MAX
+    if low > high:
+        # A start after the end breaks per-1; the period is searched as the span
+        # between its bounds, so that every date row is an ordered range (the
+        # sorted date indexes and the walk over them rely on it; migration 0016).
+        return high, low
     return low, high
 
 

@@ -501,7 +501,9 @@ def receive_chunk(
                 # Put whole by this PATCH, every byte hashed: one transaction
                 # records the offset and the Binary. Should it fail, the upload
                 # stays at its old offset and a retry puts the same key again.
-                content_type = _sniff_or_purge(storage, upload_id, staged.digests, caller)
+                content_type = _sniff_or_purge(
+                    storage, upload_id, staged.digests, caller, token=token
+                )
                 with session_scope() as session:
                     row = _leased_row(session, upload_id, token)
                     row.upload_offset = staged.offset
@@ -713,7 +715,7 @@ def _assemble(
         digests = ContentDigests()
         for chunk in storage.open(key):
             digests.feed(chunk)
-    content_type = _sniff_or_purge(storage, upload_id, digests, caller)
+    content_type = _sniff_or_purge(storage, upload_id, digests, caller, token=token)
     with session_scope() as session:
         status = _finish(
             session,
@@ -727,18 +729,23 @@ def _assemble(
 
 
 def _sniff_or_purge(
-    storage: BinaryStorage, upload_id: str, digests: ContentDigests, caller: Caller
+    storage: BinaryStorage,
+    upload_id: str,
+    digests: ContentDigests,
+    caller: Caller,
+    *,
+    token: uuid.UUID,
 ) -> str:
     """Return the stored upload's sniffed type; refused content is purged with its upload."""
     try:
         return sniff_content_type(digests.head, valid_text=digests.valid_text)
     except ContentTypeNotAllowed:
-        # Refused content is purged at once, not left for the sweep.
+        # Refused content is purged at once, not left for the sweep; only under
+        # the lease, or a PATCH that stalled past it would purge its retry's upload.
         with session_scope() as session:
-            row = repository.lock_upload(session, upload_id)
-            if row is not None:
-                storage.remove(object_key(row.binary_id))
-                repository.delete_upload(session, upload_id)
+            row = _leased_row(session, upload_id, token)
+            storage.remove(object_key(row.binary_id))
+            repository.delete_upload(session, upload_id)
         _remove_prefix_quietly(storage, staging_prefix(upload_id))
         log.warning("imaging_store.upload_refused", upload_id=upload_id, client_id=caller.client_id)
         raise

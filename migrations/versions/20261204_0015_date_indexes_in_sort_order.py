@@ -24,6 +24,8 @@ def upgrade() -> None:
     # in the index. Built before the old index goes, and concurrently, so
     # searches and writes go on meanwhile.
     with op.get_context().autocommit_block():
+        for index in ("ix_fhir_search_date_by_start", "ix_fhir_search_date_by_end"):
+            _drop_if_invalid(index)
         op.create_index(
             "ix_fhir_search_date_by_start",
             TABLE,
@@ -48,6 +50,20 @@ def upgrade() -> None:
             postgresql_concurrently=True,
             if_exists=True,
         )
+
+
+def _drop_if_invalid(index: str) -> None:
+    """Drop an index a failed concurrent build left invalid; IF NOT EXISTS would keep it."""
+    invalid = (
+        op.get_bind()
+        .execute(
+            sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:index)"),
+            {"index": index},
+        )
+        .scalar()
+    )
+    if invalid:
+        op.drop_index(index, table_name=TABLE, postgresql_concurrently=True)
 
 
 def downgrade() -> None:

@@ -24,7 +24,7 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
 from hub.settings import Settings
-from imaging_store.service import binary_storage
+from imaging_store.service import Caller, ContentDigests, binary_storage
 from imaging_store.storage import BinaryStorage
 from imaging_store.uploads import service as uploads_service
 from imaging_store.uploads.errors import UploadBusy
@@ -478,6 +478,26 @@ def test_another_client_sees_no_upload(uploads_url: str, auth_headers: Headers) 
     _assert_problem(_patch(upload_url, _content(100), 0, other), 404, "upload-not-found")
     _assert_problem(httpx.delete(upload_url, headers={**TUS, **other}), 404, "upload-not-found")
     assert _head(upload_url, owner).headers["Upload-Offset"] == "0"
+
+
+def test_refused_content_is_purged_only_under_the_patchs_own_lease(
+    uploads_url: str, auth_headers: Headers, settings: Settings, committed: Engine
+) -> None:
+    headers = auth_headers("unit-01")
+    upload_url = _create(uploads_url, 2000, headers)
+    upload_id = upload_url.rsplit("/", 1)[1]
+    refused = ContentDigests()
+    refused.feed(samples.HTML)
+    # A PATCH that stalled past its lease: a retry may own the upload by now.
+    with pytest.raises(UploadBusy):
+        uploads_service._sniff_or_purge(
+            binary_storage(settings),
+            upload_id,
+            refused,
+            Caller(client_id="unit-01", author="Device/unit-01", request_id="stalled"),
+            token=uuid.uuid4(),
+        )
+    assert _upload_row(committed, upload_url) is not None
 
 
 def test_disguised_html_is_refused_at_completion_and_purged(

@@ -188,6 +188,9 @@ def test_periods_on_the_window_edges_page_alike_with_and_without_the_walk(
         ("2031-05-15T10:00:00Z", "2031-05-15T11:00:00Z"),  # a tie
         ("2031-04-20T08:00:00Z", None),  # ongoing
         ("2031-05-31", "2031-06-01"),  # days, not instants
+        # A start after its end (per-1 broken): searched as the span between them.
+        ("2031-05-10T00:00:00Z", "2031-04-20T00:00:00Z"),
+        ("2031-05-20T00:00:00Z", "2031-05-02T00:00:00Z"),
         ("2031-06-02T08:00:00Z", "2031-06-03T08:00:00Z"),  # after
         ("2031-04-01T08:00:00Z", "2031-04-02T08:00:00Z"),  # before
     ]
@@ -202,6 +205,9 @@ def test_periods_on_the_window_edges_page_alike_with_and_without_the_walk(
         "date=ge2031-05-15&date=le2031-05-01",
         "date=sa2031-04-30&date=eb2031-06-02",
         "date=ap2031-05-31",
+        "date=sa2031-05-01",
+        "date=eb2031-05-05",
+        "date=ne2031-05",
     ]
     queries = [
         f"service-provider=Organization/{unit}&{window}&_sort={sort}&_count=2"
