@@ -805,8 +805,9 @@ def _date_walk_page(
     parameter is single-valued, so each resource has one row. The rows come in
     two parts that never interleave: those across the window's edge on the sort
     side (a period ending after its end, for `-date`), few, from the range index
-    and sorted; then those within, read from a btree in sort order, so the walk
-    reads a page's worth and not the whole window. Each row is checked against
+    and sorted; then those within, read from a btree in sort order, index only,
+    so that a long window is read a page's worth at a time (the planner may
+    still sort a week's few thousand rows whole: cheaper). Each row is checked against
     the other criteria and the caller's scope in a lateral subquery the planner
     cannot fold into a join, so the walk stops after a page. `OFFSET 0` keeps
     each part and that subquery apart: pushed into a part, the window's tests
