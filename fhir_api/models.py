@@ -145,17 +145,16 @@ class SearchDateRow(Base):
             postgresql_using="gist",
         ),
         # In the two sort orders of a date (`date` by period start, `-date` by
-        # end) with the id as tie-break, and the other bound alongside: a search
-        # sorted by the date it filters on reads a page of one, index only
-        # (fhir_api.search.repository._date_walk_page); range conditions on a
-        # bound read the ids from them too.
+        # end) with the id as tie-break: a search sorted by the date it filters
+        # on reads a page of one (fhir_api.search.repository._date_walk_page).
+        # Filters test the range's bounds as expressions, so that these serve
+        # walks only (see repository.ROW_START).
         Index(
             "ix_fhir_search_date_by_start",
             "resource_type",
             "param",
             "low",
             "resource_id",
-            postgresql_include=["high"],
         ),
         Index(
             "ix_fhir_search_date_by_end",
@@ -163,7 +162,6 @@ class SearchDateRow(Base):
             "param",
             text("high DESC"),
             "resource_id",
-            postgresql_include=["low"],
         ),
     )
 

@@ -97,10 +97,15 @@ DATE_WALK_DECISION_SECONDS = 300.0
 _walk_decisions: dict[Hashable, tuple[bool, float]] = {}
 CHAINED = RESOURCE.alias("chained")
 HAS_SOURCE = RESOURCE.alias("has_source")
-# The range a date row covers, as the expression an index may be built on.
-DATE_RANGE = func.tstzrange(
-    func.least(DATES.c.low, DATES.c.high), func.greatest(DATES.c.low, DATES.c.high), "[]"
-)
+# The bounds of the range a date row covers (rows are ordered: these are low
+# and high), and that range, as the expression the range index is built on.
+# Filters test these expressions, not the columns: the btrees on the columns
+# are for walks in sort order, and a generic plan, blind to the instants,
+# would otherwise drive a search from "every period ending after $1" (787,000
+# rows for one patient's observations since a date).
+ROW_START = func.least(DATES.c.low, DATES.c.high)
+ROW_END = func.greatest(DATES.c.low, DATES.c.high)
+DATE_RANGE = func.tstzrange(ROW_START, ROW_END, "[]")
 SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
 ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
 
@@ -207,7 +212,7 @@ def _date_condition(
     contained = and_(low >= sl, high <= sh)
     prefix = item.prefix
     # The extra bounds below are implied by the spec's condition; they are there
-    # so that the btree on (type, param, low, ...) can narrow the scan.
+    # so that a btree on the bound can narrow a scan.
     if prefix == "eq":
         return and_(contained, low <= sh)
     if prefix == "ne":
@@ -299,9 +304,7 @@ def condition_for(
         if criterion.param is None:
             updated = resource.c.last_updated
             return or_(*(_date_condition(updated, updated, c) for c in criterion.comparisons))
-        ranges = or_(
-            *(_date_condition(DATES.c.low, DATES.c.high, c) for c in criterion.comparisons)
-        )
+        ranges = or_(*(_date_condition(ROW_START, ROW_END, c) for c in criterion.comparisons))
         return _side(DATES, resource, criterion.param, ranges)
     if isinstance(criterion, NumberCriterion):
         numbers = or_(*(_number_condition(QUANTITIES, c) for c in criterion.comparisons))
@@ -500,8 +503,8 @@ def _type_conditions(
         if param == walked:
             continue
         tests, floor, ceiling = _window_tests(
-            DATES.c.low,
-            DATES.c.high,
+            ROW_START,
+            ROW_END,
             comparisons,
             slots=None if slots is None else (slots, window),
         )
@@ -805,10 +808,10 @@ def _date_walk_page(
     parameter is single-valued, so each resource has one row. The rows come in
     two parts that never interleave: those across the window's edge on the sort
     side (a period ending after its end, for `-date`), few, from the range index
-    and sorted; then those within, read from a btree in sort order, index only,
-    so that a long window is read a page's worth at a time (the planner may
-    still sort a week's few thousand rows whole: cheaper). Each row is checked against
-    the other criteria and the caller's scope in a lateral subquery the planner
+    and sorted; then those within, read from a btree in sort order, so that a
+    long window is read a page's worth at a time (the planner may still sort a
+    week's few thousand rows whole: cheaper). Each row is checked against the
+    other criteria and the caller's scope in a lateral subquery the planner
     cannot fold into a join, so the walk stops after a page. `OFFSET 0` keeps
     each part and that subquery apart: pushed into a part, the window's tests
     would tempt the planner into fetching and sorting the window.
