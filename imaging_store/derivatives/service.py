@@ -14,14 +14,14 @@ import io
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import IO, Any
 
 import structlog
 from sqlalchemy.orm import Session
 
 from fhir_api import service as fhir_service
-from fhir_api.context import SYSTEM_CONTEXT, UNRESTRICTED_ACCESS, RequestContext
+from fhir_api.context import SYSTEM_CONTEXT, RequestContext
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
 from hub.errors import WahaError
 from imaging_store import repository as binary_repository
@@ -42,7 +42,6 @@ from imaging_store.derivatives.models import (
     READY,
     THUMBNAIL,
 )
-from imaging_store.errors import BinaryNotFound
 from imaging_store.models import BinaryObjectRow
 from imaging_store.sniffing import DICOM, HEIC, JPEG, PNG, WEBP
 from imaging_store.storage import BinaryStorage, ObjectMissing
@@ -349,25 +348,16 @@ def _record_failure(session: Session, binary_id: str, kinds: tuple[str, ...], re
 def get_visible_binary(
     session: Session, *, binary_id: str, context: RequestContext, base_url: str
 ) -> BinaryObjectRow:
-    """Return the stored Binary's row; 404/410 as for GET /fhir/Binary/<id>."""
-    # The Binary resource decides existence, so a deletion through any FHIR
-    # path (a transaction's DELETE too) hides the previews as well.
-    result = fhir_service.run_interaction(
-        session,
-        EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
-        context=replace(context, access=UNRESTRICTED_ACCESS, audit=None),
-        settings=WriteSettings(base_url=base_url),
-    )
-    row = binary_repository.get_binary_object(session, binary_id)
-    if row is None or row.deleted_at is not None or result.resource is None:
-        raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
-    binary_service.check_binary_access(
-        session,
-        row,
-        access=context.access,
+    """Return the stored Binary's row; 404/410 and access as for GET /fhir/Binary/<id>."""
+    caller = binary_service.Caller(
         client_id=context.client_id,
-        base_url=base_url,
+        author=context.author,
+        request_id=context.request_id,
+        access=context.access,
         audit=context.audit,
+    )
+    *_, row = binary_service.current_binary(
+        session, binary_id=binary_id, caller=caller, base_url=base_url
     )
     return row
 
