@@ -58,6 +58,54 @@ def test_downgrade_to_base_and_upgrade_again(
         command.check(config)
 
 
+def _invalidate(url: str, index: str) -> None:
+    """Mark `index` as an interrupted CREATE INDEX CONCURRENTLY leaves it: invalid."""
+    # Writing pg_index takes a superuser, as the admin URL is.
+    admin = create_engine(make_url(ADMIN_URL).set(database=make_url(url).database))
+    with admin.begin() as connection:
+        connection.execute(
+            text("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(:index)"),
+            {"index": index},
+        )
+    admin.dispose()
+
+
+def _index_state(url: str, index: str) -> tuple[str, bool]:
+    """Return an index's definition and whether it is valid."""
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        definition, valid = connection.execute(
+            text(
+                "SELECT pg_get_indexdef(indexrelid), indisvalid FROM pg_index"
+                " WHERE indexrelid = to_regclass(:index)"
+            ),
+            {"index": index},
+        ).one()
+    engine.dispose()
+    return definition, valid
+
+
+def test_a_half_built_string_walk_index_is_rebuilt(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_strings_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0013")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text("CREATE INDEX ix_fhir_search_string_walk ON fhir_search_string (param)")
+            )
+        engine.dispose()
+        _invalidate(url, "ix_fhir_search_string_walk")
+        command.upgrade(config, "0014")
+        definition, valid = _index_state(url, "ix_fhir_search_string_walk")
+        assert definition.endswith(
+            '(resource_type, param, value_normalized COLLATE "C", resource_id)'
+        ), definition
+        assert valid
+
+
 def test_date_rows_become_ordered_and_a_half_built_date_index_is_rebuilt(
     settings: Settings, run_id: str, worker_id: str
 ) -> None:
@@ -65,8 +113,6 @@ def test_date_rows_become_ordered_and_a_half_built_date_index_is_rebuilt(
         config = alembic_config(url)
         command.upgrade(config, "0014")
         engine = create_engine(url)
-        # Marking an index invalid takes a superuser, as the admin URL is.
-        admin = create_engine(make_url(ADMIN_URL).set(database=make_url(url).database))
         with engine.begin() as connection:
             # Written by the indexer before 0016: a period whose start is after its end.
             connection.execute(
@@ -75,31 +121,15 @@ def test_date_rows_become_ordered_and_a_half_built_date_index_is_rebuilt(
                     " VALUES ('Encounter', 'e1', 'date', '2031-05-10', '2031-04-20')"
                 )
             )
-            # What an interrupted CREATE INDEX CONCURRENTLY leaves: an invalid index.
             connection.execute(
                 text("CREATE INDEX ix_fhir_search_date_by_start ON fhir_search_date (param)")
             )
-        with admin.begin() as connection:
-            connection.execute(
-                text(
-                    "UPDATE pg_index SET indisvalid = false"
-                    " WHERE indexrelid = 'ix_fhir_search_date_by_start'::regclass"
-                )
-            )
-        admin.dispose()
+        _invalidate(url, "ix_fhir_search_date_by_start")
         command.upgrade(config, "head")
         with engine.connect() as connection:
             row = connection.execute(text("SELECT low, high FROM fhir_search_date")).one()
-            definition = connection.execute(
-                text("SELECT pg_get_indexdef('ix_fhir_search_date_by_start'::regclass)")
-            ).scalar_one()
-            valid = connection.execute(
-                text(
-                    "SELECT indisvalid FROM pg_index"
-                    " WHERE indexrelid = 'ix_fhir_search_date_by_start'::regclass"
-                )
-            ).scalar_one()
         engine.dispose()
+        definition, valid = _index_state(url, "ix_fhir_search_date_by_start")
         assert row.low < row.high
         assert row.low.date().isoformat() == "2031-04-20"
         assert definition.endswith("(resource_type, param, low, resource_id)")

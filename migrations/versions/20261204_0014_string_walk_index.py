@@ -23,6 +23,7 @@ def upgrade() -> None:
     # only INCLUDEd, a page meant reading and sorting them all. Built before the
     # old index goes, and concurrently, so searches and writes go on meanwhile.
     with op.get_context().autocommit_block():
+        _drop_if_invalid("ix_fhir_search_string_walk")
         op.create_index(
             "ix_fhir_search_string_walk",
             TABLE,
@@ -37,6 +38,22 @@ def upgrade() -> None:
             postgresql_concurrently=True,
             if_exists=True,
         )
+
+
+def _drop_if_invalid(index: str) -> None:
+    """Drop an index a failed concurrent build left invalid; IF NOT EXISTS would keep it."""
+    # Kept in the migration rather than shared: a migration must not change
+    # when helper code does.
+    invalid = (
+        op.get_bind()
+        .execute(
+            sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:index)"),
+            {"index": index},
+        )
+        .scalar()
+    )
+    if invalid:
+        op.drop_index(index, table_name=TABLE, postgresql_concurrently=True)
 
 
 def downgrade() -> None:
