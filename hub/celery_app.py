@@ -79,6 +79,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 3600,
                 "options": {"expires": 3600},
             },
+            # Lists the whole bucket: daily, strays are rare (crashes only).
+            "sweep-stray-objects": {
+                "task": "imaging_store.sweep_stray_objects",
+                "schedule": 86400,
+                "options": {"expires": 86400},
+            },
         },
         imports=(
             "hub.celery_app",

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # names no patient or encounter is swept as an orphan after this age.
     binary_retention_days: float = Field(default=30.0, ge=0)
     orphan_binary_hours: float = Field(default=72.0, gt=0)
+    # An object that no Binary, derived image or upload owns (a crash between
+    # storing it and recording it) is removed after this age. At least an
+    # hour: a request still recording its object must never lose it.
+    stray_object_hours: float = Field(default=72.0, ge=1)
     # Downloads by redirect to a presigned URL (MinIO); the SDK's default
     # validity is 7 days, DESIGN.md allows at most 300 s.
     binary_download_redirect: bool = False

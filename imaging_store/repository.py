@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -87,6 +87,39 @@ def lock_unlinked_binary_objects(
         .scalars()
         .all()
     )
+
+
+_OWNED_KEYS = text(
+    """
+    SELECT k FROM unnest(CAST(:keys AS text[])) AS k
+    WHERE EXISTS (SELECT 1 FROM binary_object b WHERE b.object_key = k)
+       OR (starts_with(k, :binaries) AND EXISTS (
+            SELECT 1 FROM tus_upload u WHERE u.binary_id = substr(k, length(:binaries) + 1)))
+       OR (starts_with(k, :staging) AND EXISTS (
+            SELECT 1 FROM tus_upload u
+            WHERE u.id = split_part(substr(k, length(:staging) + 1), '/', 1)))
+       OR (starts_with(k, :derivatives) AND EXISTS (
+            SELECT 1 FROM binary_derivative d
+            WHERE d.binary_id = split_part(substr(k, length(:derivatives) + 1), '/', 1)
+              AND d.object_key = k))
+    """
+)
+
+
+def owned_object_keys(
+    session: Session, keys: Sequence[str], *, binaries: str, staging: str, derivatives: str
+) -> set[str]:
+    """Return which of `keys` a Binary row, an upload in progress or a derived image owns.
+
+    The prefixes say how keys are made: `<binaries><binary id>` (a Binary, or
+    the object a resumable upload assembles), `<staging><upload id>/…` and
+    `<derivatives><binary id>/…`.
+    """
+    rows = session.execute(
+        _OWNED_KEYS,
+        {"keys": list(keys), "binaries": binaries, "staging": staging, "derivatives": derivatives},
+    )
+    return {str(key) for key in rows.scalars()}
 
 
 def count_binary_links(session: Session, binary_id: str) -> int:

@@ -6,7 +6,8 @@ the retention period, then go, together with the metadata rows that pointed
 at them. An orphan is a live Binary that no resource links and that names no
 patient or encounter (X-Security-Context or Binary.securityContext), older
 than the orphan age: it gets a FHIR delete by the system, so its history
-says so, and its objects go at once.
+says so, and its objects go at once. A stray object, which no row owns
+(a crash between storing it and recording it), goes after the stray age.
 
 Database changes are flushed before objects are removed, and the caller's
 transaction commits after: if the store is down, StorageUnavailable rolls
@@ -29,12 +30,15 @@ from hub.errors import WahaError
 from imaging_store import media, repository
 from imaging_store.derivatives.service import DERIVATIVE_PREFIX
 from imaging_store.models import BinaryObjectRow
-from imaging_store.storage import BinaryStorage
+from imaging_store.storage import KEY_PREFIX, BinaryStorage
+from imaging_store.uploads.service import STAGING_PREFIX
 
 log = structlog.get_logger()
 
 # How many rows one task run handles; a backlog is drained by the next runs.
 DEFAULT_BATCH = 500
+# How many listed keys one ownership query checks.
+STRAY_BATCH = 500
 
 
 def _remove_objects(storage: BinaryStorage, row: BinaryObjectRow) -> None:
@@ -97,6 +101,42 @@ def sweep_orphan_binaries(
     if rows:
         log.info("imaging_store.orphan_binaries_swept", binaries=len(rows))
     return len(rows)
+
+
+def sweep_stray_objects(
+    session: Session, *, storage: BinaryStorage, now: datetime, min_age: timedelta
+) -> int:
+    """Remove objects older than `min_age` that no Binary, upload or derived image owns.
+
+    Walks every key Waha writes (Binaries, staged upload tails, derived
+    images); anything else in the bucket is left alone. Returns how many went.
+    """
+    cutoff = now - min_age
+    removed = 0
+    for prefix in (KEY_PREFIX, STAGING_PREFIX, DERIVATIVE_PREFIX):
+        old: list[str] = []
+        for key, modified in storage.list_objects(prefix):
+            if modified < cutoff:
+                old.append(key)
+            if len(old) == STRAY_BATCH:
+                removed += _remove_strays(session, storage, old)
+                old = []
+        removed += _remove_strays(session, storage, old)
+    if removed:
+        log.warning("imaging_store.stray_objects_removed", objects=removed)
+    return removed
+
+
+def _remove_strays(session: Session, storage: BinaryStorage, keys: list[str]) -> int:
+    if not keys:
+        return 0
+    owned = repository.owned_object_keys(
+        session, keys, binaries=KEY_PREFIX, staging=STAGING_PREFIX, derivatives=DERIVATIVE_PREFIX
+    )
+    strays = [key for key in keys if key not in owned]
+    for key in strays:
+        storage.remove(key)
+    return len(strays)
 
 
 def on_media_deleted(

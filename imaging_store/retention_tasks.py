@@ -15,6 +15,7 @@ from imaging_store.service import binary_storage
 
 PURGE_TASK = "imaging_store.purge_deleted_binaries"
 SWEEP_TASK = "imaging_store.sweep_orphan_binaries"
+STRAY_TASK = "imaging_store.sweep_stray_objects"
 
 
 RETRIED_ON_STORAGE_OUTAGE: dict[str, Any] = {
@@ -56,4 +57,17 @@ def sweep_orphan_binaries() -> int:
             max_age=timedelta(hours=settings.orphan_binary_hours),
             limit=retention.DEFAULT_BATCH,
             base_url=settings.fhir_base_url,
+        )
+
+
+@shared_task(name=STRAY_TASK, **RETRIED_ON_STORAGE_OUTAGE)
+def sweep_stray_objects() -> int:
+    """Remove objects that no row owns, left by a crash between storing and recording."""
+    settings = get_settings()
+    with session_scope() as session:
+        return retention.sweep_stray_objects(
+            session,
+            storage=binary_storage(settings),
+            now=datetime.now(UTC),
+            min_age=timedelta(hours=settings.stray_object_hours),
         )

@@ -371,6 +371,19 @@ class BinaryStorage:
             raise self._unavailable(error, "remove_prefix") from None
         return len(keys)
 
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """Yield the key and last-modified time of every object under `prefix`, in key order."""
+        try:
+            for item in self.client.list_objects(self.config.bucket, prefix=prefix, recursive=True):
+                if item.object_name is not None and item.last_modified is not None:
+                    yield str(item.object_name), item.last_modified
+        except S3Error as error:
+            if error.code == "NoSuchBucket":
+                return
+            raise self._unavailable(error, "list_objects") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "list_objects") from None
+
     def _unavailable(self, error: Exception, operation: str) -> StorageUnavailable:
         # The error's text may hold the endpoint, never patient data; log the type.
         log.warning(

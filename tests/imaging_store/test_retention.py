@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from fhir_api.writes import WriteSettings
+from hub.celery_app import celery_app
 from hub.db import session_scope
 from hub.settings import Settings
 from imaging_store import repository, retention, retention_tasks
@@ -280,6 +281,77 @@ def test_store_down_during_the_sweep_deletes_nothing(
     assert _keys(s3, settings, orphan_id) == {f"binaries/{orphan_id}"}
 
 
+def _all_keys(s3: Minio, settings: Settings) -> set[str]:
+    return {str(item.object_name) for item in s3.list_objects(settings.s3_bucket, recursive=True)}
+
+
+def test_stray_objects_that_no_row_owns_are_removed_once_old(
+    client: TestClient,
+    session: Session,
+    settings: Settings,
+    storage: BinaryStorage,
+    s3: Minio,
+) -> None:
+    binary_id = _upload(client, samples.png(32, 32), "image/png")
+    _with_derivatives(session, settings, storage, binary_id)
+    # An upload in progress owns its assembling object and its staged tail.
+    session.execute(
+        text(
+            "INSERT INTO tus_upload (id, owner_client_id, length, binary_id, expires_at)"
+            " VALUES ('u-live', 'unit-01', 10, 'b-assembling', now() + interval '1 day')"
+        )
+    )
+    owned = {
+        f"binaries/{binary_id}",
+        f"derivatives/{binary_id}/thumbnail.jpg",
+        "binaries/b-assembling",
+        "uploads/u-live/tail-1",
+    }
+    # What a crash between storing and recording leaves.
+    strays = {
+        "binaries/b-never-recorded",
+        f"derivatives/{binary_id}/preview-unrecorded.jpg",
+        "derivatives/b-gone/thumbnail.jpg",
+        "uploads/u-gone/tail-1",
+    }
+    for key in {"binaries/b-assembling", "uploads/u-live/tail-1", *strays, "elsewhere/kept"}:
+        storage.put_bytes(key, b"bytes")
+    assert owned <= _all_keys(s3, settings)
+
+    recent = retention.sweep_stray_objects(
+        session, storage=storage, now=datetime.now(UTC), min_age=timedelta(hours=72)
+    )
+    assert recent == 0
+    assert strays <= _all_keys(s3, settings)
+
+    removed = retention.sweep_stray_objects(
+        session,
+        storage=storage,
+        now=datetime.now(UTC) + timedelta(hours=73),
+        min_age=timedelta(hours=72),
+    )
+
+    left = _all_keys(s3, settings)
+    # Earlier tests of this process left objects whose rows rolled back: strays too.
+    assert removed >= len(strays)
+    assert not strays & left
+    assert owned <= left
+    assert "elsewhere/kept" in left
+    assert client.get(f"/fhir/Binary/{binary_id}").status_code == 200
+
+
+def test_store_down_during_the_stray_sweep_raises_for_retry(
+    session: Session, down_storage: BinaryStorage
+) -> None:
+    with pytest.raises(StorageUnavailable):
+        retention.sweep_stray_objects(
+            session,
+            storage=down_storage,
+            now=datetime.now(UTC) + timedelta(days=30),
+            min_age=timedelta(hours=72),
+        )
+
+
 def _media(patient_id: str, binary_id: str) -> dict[str, object]:
     return {
         "resourceType": "Media",
@@ -383,5 +455,15 @@ def test_retention_settings_have_defaults_and_refuse_nonsense() -> None:
     defaults = Settings(env="test")
     assert defaults.binary_retention_days == 30
     assert defaults.orphan_binary_hours == 72
+    assert defaults.stray_object_hours == 72
     with pytest.raises(ValueError, match="orphan_binary_hours"):
         Settings(env="test", orphan_binary_hours=0)
+    with pytest.raises(ValueError, match="stray_object_hours"):
+        Settings(env="test", stray_object_hours=0.5)
+
+
+def test_the_stray_sweep_runs_daily() -> None:
+    entry = celery_app.conf.beat_schedule["sweep-stray-objects"]
+    assert entry["task"] == retention_tasks.STRAY_TASK
+    assert retention_tasks.STRAY_TASK in celery_app.tasks
+    assert entry["schedule"] == 86400
