@@ -1,7 +1,7 @@
 """HTTP edge of resumable uploads: tus 1.0.0 at `/imaging/uploads`.
 
-Core protocol plus the creation, termination, checksum and expiration
-extensions. Errors keep tus's status codes (409, 412, 413, 415, 423, 460)
+Core protocol plus the creation, creation-with-upload, termination, checksum
+and expiration extensions. Errors keep tus's status codes (409, 412, 413, 415, 423, 460)
 with problem+json bodies; every answer carries `Tus-Resumable`.
 """
 
@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from hub.db import SessionDep
+from hub.db import SessionDep, session_scope
 from hub.errors import WahaError
 from hub.settings import Settings, request_settings
 from imaging_store.router import upload_caller
@@ -33,7 +33,7 @@ from imaging_store.uploads.errors import (
 )
 
 PREFIX = "/imaging/uploads"
-TUS_EXTENSIONS = "creation,termination,checksum,expiration"
+TUS_EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 BINARY_HEADER = "Waha-Binary"
 
@@ -151,29 +151,65 @@ def describe_server(settings: SettingsDep) -> Response:
     )
 
 
+def _offset_octet_stream(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == OFFSET_OCTET_STREAM
+
+
 @router.post("", response_model=None, status_code=201, dependencies=[TusRequest])
 def create_upload(
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     caller: CallerDep,
+    upload_storage: StorageDep,
     upload_length: Annotated[str | None, Header(alias="Upload-Length")] = None,
     upload_defer_length: Annotated[str | None, Header(alias="Upload-Defer-Length")] = None,
     upload_metadata: Annotated[str | None, Header(alias="Upload-Metadata")] = None,
+    content_type: Annotated[str | None, Header(alias="Content-Type")] = None,
+    upload_checksum: Annotated[str | None, Header(alias="Upload-Checksum")] = None,
+    content_length: Annotated[str | None, Header(alias="Content-Length")] = None,
 ) -> Response:
-    """Start a resumable upload (tus creation); answer its URL."""
-    status = service.create_upload(
-        session,
-        caller=caller,
-        upload_length=upload_length,
-        defer_length=upload_defer_length,
-        upload_metadata=upload_metadata,
-        settings=service.upload_settings(settings),
-        now=datetime.now(UTC),
-    )
-    headers = _status_headers(status)
+    """Start a resumable upload (tus creation), with its first bytes if the body has them."""
+    carries_data = content_length not in (None, "0") or "transfer-encoding" in request.headers
+    if carries_data and not _offset_octet_stream(content_type):
+        raise NotOffsetOctetStream(f"a creation body must be {OFFSET_OCTET_STREAM}")
+    upload_settings = service.upload_settings(settings)
+    # Committed before any byte is taken: the bytes go through the PATCH
+    # path, whose lease and offset live in the upload's committed row.
+    with session_scope() as session:
+        status = service.create_upload(
+            session,
+            caller=caller,
+            upload_length=upload_length,
+            defer_length=upload_defer_length,
+            upload_metadata=upload_metadata,
+            settings=upload_settings,
+            now=datetime.now(UTC),
+            body=(content_length, upload_checksum) if carries_data else None,
+        )
     # Relative, so it holds behind any proxy or port; tus clients resolve it
     # against the creation URL.
-    headers["Location"] = f"{PREFIX}/{status.id}"
+    location = f"{PREFIX}/{status.id}"
+    if carries_data:
+        # creation-with-upload: a photo goes whole in one request, one round
+        # trip less on a slow mobile link.
+        try:
+            status = service.receive_chunk(
+                storage=upload_storage,
+                upload_id=status.id,
+                caller=caller,
+                upload_offset="0",
+                upload_checksum=upload_checksum,
+                content_length=content_length,
+                chunks=_body_chunks(request),
+                settings=upload_settings,
+                now=datetime.now(UTC),
+            )
+        except WahaError as error:
+            # The upload exists: the client resumes it by HEAD at this URL.
+            error.headers["Location"] = location
+            raise
+    headers = _status_headers(status)
+    headers["Location"] = location
     return Response(status_code=201, headers=headers)
 
 
@@ -209,7 +245,7 @@ def append_to_upload(
     content_length: Annotated[str | None, Header(alias="Content-Length")] = None,
 ) -> Response:
     """Append a PATCH body at the upload's offset; the last one makes the Binary."""
-    if (content_type or "").split(";")[0].strip().lower() != OFFSET_OCTET_STREAM:
+    if not _offset_octet_stream(content_type):
         raise NotOffsetOctetStream(f"a PATCH body must be {OFFSET_OCTET_STREAM}")
     status = service.receive_chunk(
         storage=upload_storage,

@@ -396,9 +396,20 @@ def create_upload(
     upload_metadata: str | None,
     settings: UploadSettings,
     now: datetime,
+    body: tuple[str | None, str | None] | None = None,
 ) -> UploadStatus:
-    """Start a resumable upload: check its headers and record it (S3 sees nothing yet)."""
+    """Start a resumable upload: check its headers and record it (S3 sees nothing yet).
+
+    `body`, the (Content-Length, Upload-Checksum) of bytes sent with the
+    creation (creation-with-upload), is checked too, so that a creation
+    whose bytes could never be taken records nothing.
+    """
     length = parse_upload_length(upload_length, defer_length=defer_length, limit=settings.max_bytes)
+    if body is not None:
+        content_length, upload_checksum = body
+        parse_upload_checksum(upload_checksum)
+        if content_length and content_length.isdigit() and int(content_length) > length:
+            raise UploadTooLarge(f"the body goes past Upload-Length {length}")
     metadata = parse_upload_metadata(upload_metadata)
     security_context = _security_context(session, metadata, caller=caller, settings=settings)
     binary_id = str(uuid.uuid4())

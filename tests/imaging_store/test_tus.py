@@ -98,6 +98,24 @@ def _create(url: str, length: int, headers: dict[str, str], **extra: str) -> str
     return str(httpx.URL(url).join(response.headers["Location"]))
 
 
+def _create_with(
+    url: str, body: bytes, length: int, headers: dict[str, str], **extra: str
+) -> httpx.Response:
+    """POST a creation that carries `body` as the upload's first bytes (creation-with-upload)."""
+    return httpx.post(
+        url,
+        content=body,
+        headers={
+            **TUS,
+            **headers,
+            "Upload-Length": str(length),
+            "Content-Type": "application/offset+octet-stream",
+            **extra,
+        },
+        timeout=60,
+    )
+
+
 def _patch(
     upload_url: str, body: bytes, offset: int, headers: dict[str, str], **extra: str
 ) -> httpx.Response:
@@ -190,6 +208,7 @@ def test_options_describes_the_server(
     assert response.headers["Tus-Version"] == "1.0.0"
     assert set(response.headers["Tus-Extension"].split(",")) == {
         "creation",
+        "creation-with-upload",
         "termination",
         "checksum",
         "expiration",
@@ -245,6 +264,92 @@ def test_tuspy_uploads_in_chunks_into_a_binary(
     # Nothing staged or half-assembled is left behind.
     assert _staged_keys(s3, settings, uploader.url) == set()
     assert f"binaries/{binary.removeprefix('Binary/')}" not in _assembling_keys(s3, settings)
+
+
+def test_a_photo_sent_with_its_creation_becomes_a_binary_in_one_request(
+    uploads_url: str, auth_headers: Headers, committed: Engine
+) -> None:
+    content = _content(300_000)
+    headers = auth_headers("unit-01")
+
+    created = _create_with(
+        uploads_url, content, len(content), headers, **{"Upload-Checksum": _sha256(content)}
+    )
+
+    assert created.status_code == 201, created.text
+    assert created.headers["Tus-Resumable"] == "1.0.0"
+    assert created.headers["Upload-Offset"] == str(len(content))
+    binary = created.headers["Waha-Binary"]
+    upload_url = str(httpx.URL(uploads_url).join(created.headers["Location"]))
+    head = _head(upload_url, headers)
+    assert head.headers["Upload-Offset"] == head.headers["Upload-Length"] == str(len(content))
+    assert head.headers["Waha-Binary"] == binary
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, binary, headers) == content
+
+
+def test_a_creation_with_the_first_bytes_is_resumed_by_patch(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    content = _content(120_000)
+    headers = auth_headers("unit-01")
+
+    created = _create_with(uploads_url, content[:50_000], len(content), headers)
+
+    assert created.status_code == 201, created.text
+    assert created.headers["Upload-Offset"] == "50000"
+    assert "Waha-Binary" not in created.headers
+    upload_url = str(httpx.URL(uploads_url).join(created.headers["Location"]))
+    finished = _patch(upload_url, content[50_000:], 50_000, headers)
+    assert finished.status_code == 204, finished.text
+    base = uploads_url.removesuffix("/imaging/uploads")
+    assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+
+
+def test_a_creation_whose_bytes_fail_their_checksum_keeps_the_upload_at_zero(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    content = _content(30_000)
+    headers = auth_headers("unit-01")
+
+    wrong = _create_with(
+        uploads_url, content, len(content), headers, **{"Upload-Checksum": _sha256(b"other")}
+    )
+
+    _assert_problem(wrong, 460, "checksum-mismatch")
+    upload_url = str(httpx.URL(uploads_url).join(wrong.headers["Location"]))
+    assert _head(upload_url, headers).headers["Upload-Offset"] == "0"
+    assert _patch(upload_url, content, 0, headers).status_code == 204
+
+
+def test_creations_whose_bytes_cannot_be_taken_record_nothing(
+    uploads_url: str, auth_headers: Headers, committed: Engine, s3: Minio, settings: Settings
+) -> None:
+    headers = auth_headers("unit-01")
+    content = _content(1000)
+    keys_before = stored_keys(s3, settings)
+
+    too_long = _create_with(uploads_url, content, 500, headers)
+    _assert_problem(too_long, 413, "upload-too-large")
+    unknown = _create_with(uploads_url, content, 1000, headers, **{"Upload-Checksum": "md5 AAAA"})
+    _assert_problem(unknown, 400, "checksum-algorithm-unsupported")
+    not_tus = httpx.post(
+        uploads_url,
+        content=content,
+        headers={**TUS, **headers, "Upload-Length": "1000", "Content-Type": "image/jpeg"},
+    )
+    _assert_problem(not_tus, 415, "not-offset-octet-stream")
+    with committed.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM tus_upload")).scalar_one() == 0
+
+    disguised = samples.HTML + b" " * 1000
+    refused = _create_with(uploads_url, disguised, len(disguised), headers)
+    _assert_problem(refused, 415, "content-type-not-allowed")
+    upload_url = str(httpx.URL(uploads_url).join(refused.headers["Location"]))
+    _assert_problem(_head(upload_url, headers), 404, "upload-not-found")
+    with committed.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM binary_object")).scalar_one() == 0
+    assert stored_keys(s3, settings) == keys_before
 
 
 def test_a_new_client_resumes_from_the_server_offset(
