@@ -1,8 +1,9 @@
 """Measure image uploads against the live API: throughput, memory and thumbnail latency.
 
 1. Upload throughput of 1 MB and 10 MB images with N clients (default 4),
-   through `POST /fhir/Binary` and through tus (`/imaging/uploads`, tuspy),
-   next to a raw S3 PUT of the same sizes to the same S3 server in the same
+   through `POST /fhir/Binary`, through tus (`/imaging/uploads`, tuspy:
+   a creation, then a PATCH) and through tus creation-with-upload (the file
+   in the creating POST, as tus-js-client sends it), next to a raw S3 PUT of the same sizes to the same S3 server in the same
    run: the API should reach ≥ 80 % of the raw rate. A few untimed uploads
    per path come first (`--warmup`), so a just-started API is measured warm.
 2. API memory during one 200 MB tus upload: the resident set (VmRSS) of every
@@ -205,6 +206,46 @@ def measure_tus(
     )
 
 
+def measure_tus_creation_with_upload(
+    base_url: str,
+    auth: str | IssuerToken | None,
+    payload: bytes,
+    *,
+    clients: int,
+    count: int,
+    timeout: float,
+) -> Throughput:
+    """Upload `payload` count times per client as tus creations that carry the whole file."""
+    headers = {
+        **_bearer(auth),
+        "Tus-Resumable": "1.0.0",
+        "Upload-Length": str(len(payload)),
+        "Content-Type": "application/offset+octet-stream",
+    }
+    local = threading.local()
+    last: list[str] = []
+
+    def upload(_: int) -> None:
+        http = getattr(local, "client", None)
+        if http is None:
+            http = local.client = httpx.Client(base_url=base_url, timeout=timeout)
+        response = http.post("/imaging/uploads", content=payload, headers=headers)
+        if response.status_code != 201 or "Waha-Binary" not in response.headers:
+            raise BenchError(f"tus creation-with-upload answered {response.status_code}")
+        last.append(response.headers["Waha-Binary"].removeprefix("Binary/"))
+
+    elapsed, failures, errors = _run_clients(clients, count, upload)
+    return Throughput(
+        "tus creation-with-upload",
+        len(payload),
+        clients * count - failures,
+        failures,
+        elapsed,
+        errors,
+        last[-1] if last else None,
+    )
+
+
 def measure_raw_s3(
     s3: Minio, bucket: str, payload: bytes, *, clients: int, count: int
 ) -> Throughput:
@@ -402,8 +443,8 @@ def measure_thumbnails(
 
 def measure_throughput(
     base_url: str, auth: str | IssuerToken | None, s3: Minio, args: argparse.Namespace
-) -> list[tuple[str, Throughput, Throughput, Throughput]]:
-    """Run raw S3, POST and tus uploads of each size; return (label, raw, post, tus) per size."""
+) -> list[tuple[str, Throughput, list[Throughput]]]:
+    """Run raw S3 and each API path's uploads per size; return (label, raw, paths) per size."""
     if args.warmup:
         # Not timed: the first requests to a fresh API process pay for its
         # connection pools, token keys and statement caches, which ten uploads
@@ -414,6 +455,9 @@ def measure_throughput(
             base_url, auth, payload, clients=args.clients, count=args.warmup, timeout=args.timeout
         )
         measure_tus(base_url, auth, payload, clients=args.clients, count=args.warmup)
+        measure_tus_creation_with_upload(
+            base_url, auth, payload, clients=args.clients, count=args.warmup, timeout=args.timeout
+        )
     runs = []
     for size, count in ((MB, args.uploads_1mb), (10 * MB, args.uploads_10mb)):
         payload = image_payload(size, seed=size)
@@ -422,7 +466,10 @@ def measure_throughput(
             base_url, auth, payload, clients=args.clients, count=count, timeout=args.timeout
         )
         tus = measure_tus(base_url, auth, payload, clients=args.clients, count=count)
-        runs.append((f"{size // MB} MB", raw, post, tus))
+        with_upload = measure_tus_creation_with_upload(
+            base_url, auth, payload, clients=args.clients, count=count, timeout=args.timeout
+        )
+        runs.append((f"{size // MB} MB", raw, [post, tus, with_upload]))
     return runs
 
 
@@ -491,16 +538,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = measure_throughput(base_url, auth, s3, args)
         finally:
             restore_nice(niced)
-        for size_label, raw, post, tus in runs:
+        for size_label, raw, paths in runs:
             print(
-                f"{size_label}: raw S3 {raw.megabytes_per_second:.1f} MB/s, "
-                f"POST {post.megabytes_per_second:.1f} MB/s, "
-                f"tus {tus.megabytes_per_second:.1f} MB/s"
+                f"{size_label}: "
+                + ", ".join(
+                    f"{run.path} {run.megabytes_per_second:.1f} MB/s" for run in (raw, *paths)
+                )
             )
-            for run in (raw, post, tus):
+            for run in (raw, *paths):
                 for error in run.errors[:3]:
                     print(f"  {run.path} failure: {error}")
-            for run in (post, tus):
+            for run in paths:
                 if run.last_binary is not None:
                     last_binaries.append(run.last_binary)
                 fraction = (
