@@ -122,6 +122,31 @@ def owned_object_keys(
     return {str(key) for key in rows.scalars()}
 
 
+def owned_multipart_uploads(
+    session: Session, uploads: Sequence[tuple[str, str]], *, binaries: str
+) -> set[str]:
+    """Return which of these (key, S3 multipart upload id) a resumable upload holds.
+
+    Held means recorded by the upload, or going into the key of an upload
+    still in progress: one that is starting its multipart upload records
+    the id only after S3 has given it.
+    """
+    rows = session.execute(
+        text(
+            "SELECT m.id FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[])) AS m(key, id)"
+            " WHERE EXISTS (SELECT 1 FROM tus_upload u WHERE u.multipart_upload_id = m.id)"
+            " OR (starts_with(m.key, :binaries) AND EXISTS (SELECT 1 FROM tus_upload u"
+            " WHERE u.binary_id = substr(m.key, length(:binaries) + 1)))"
+        ),
+        {
+            "keys": [key for key, _ in uploads],
+            "ids": [upload_id for _, upload_id in uploads],
+            "binaries": binaries,
+        },
+    )
+    return {str(upload_id) for upload_id in rows.scalars()}
+
+
 def count_binary_links(session: Session, binary_id: str) -> int:
     """Count the resources that link a Binary."""
     return int(

@@ -106,10 +106,11 @@ def sweep_orphan_binaries(
 def sweep_stray_objects(
     session: Session, *, storage: BinaryStorage, now: datetime, min_age: timedelta
 ) -> int:
-    """Remove objects older than `min_age` that no Binary, upload or derived image owns.
+    """Remove objects and multipart uploads older than `min_age` that no row owns.
 
     Walks every key Waha writes (Binaries, staged upload tails, derived
-    images); anything else in the bucket is left alone. Returns how many went.
+    images); anything else in the bucket is left alone. Only reads the
+    database, so the caller may run it in autocommit. Returns how many went.
     """
     cutoff = now - min_age
     removed = 0
@@ -119,24 +120,49 @@ def sweep_stray_objects(
             if modified < cutoff:
                 old.append(key)
             if len(old) == STRAY_BATCH:
-                removed += _remove_strays(session, storage, old)
+                removed += _remove_strays(session, storage, old, cutoff=cutoff)
                 old = []
-        removed += _remove_strays(session, storage, old)
+        removed += _remove_strays(session, storage, old, cutoff=cutoff)
+    # A crash between starting a multipart upload and recording it in the
+    # resumable upload's row leaves parts that no listing of objects shows.
+    uploads = [
+        (key, upload_id)
+        for key, upload_id, started in storage.list_multipart_uploads(KEY_PREFIX)
+        if started < cutoff
+    ]
+    for start in range(0, len(uploads), STRAY_BATCH):
+        batch = uploads[start : start + STRAY_BATCH]
+        owned = repository.owned_multipart_uploads(session, batch, binaries=KEY_PREFIX)
+        for key, upload_id in batch:
+            if upload_id not in owned:
+                storage.abort_multipart(key, multipart_upload_id=upload_id)
+                removed += 1
     if removed:
         log.warning("imaging_store.stray_objects_removed", objects=removed)
     return removed
 
 
-def _remove_strays(session: Session, storage: BinaryStorage, keys: list[str]) -> int:
+def _remove_strays(
+    session: Session, storage: BinaryStorage, keys: list[str], *, cutoff: datetime
+) -> int:
     if not keys:
         return 0
     owned = repository.owned_object_keys(
         session, keys, binaries=KEY_PREFIX, staging=STAGING_PREFIX, derivatives=DERIVATIVE_PREFIX
     )
-    strays = [key for key in keys if key not in owned]
-    for key in strays:
+    removed = 0
+    for key in keys:
+        if key in owned:
+            continue
+        # A key chosen by a client (a Binary id in a bundle) or fixed (a derived
+        # image) may be written again by a retry since it was listed: its row
+        # is then on its way, and the object is new.
+        modified = storage.modified_at(key)
+        if modified is None or modified >= cutoff:
+            continue
         storage.remove(key)
-    return len(strays)
+        removed += 1
+    return removed
 
 
 def on_media_deleted(

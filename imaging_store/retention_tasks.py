@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import shared_task
 
-from hub.db import session_scope
+from hub.db import read_scope, session_scope
 from hub.settings import get_settings
 from imaging_store import retention
 from imaging_store.errors import StorageUnavailable
@@ -64,7 +64,9 @@ def sweep_orphan_binaries() -> int:
 def sweep_stray_objects() -> int:
     """Remove objects that no row owns, left by a crash between storing and recording."""
     settings = get_settings()
-    with session_scope() as session:
+    # Autocommit: the walk of a large bucket holds no transaction (and no
+    # table lock a migration would wait for) between its queries.
+    with read_scope() as session:
         return retention.sweep_stray_objects(
             session,
             storage=binary_storage(settings),

@@ -384,6 +384,40 @@ class BinaryStorage:
         except _TRANSPORT_ERRORS as error:
             raise self._unavailable(error, "list_objects") from None
 
+    def modified_at(self, key: str) -> datetime | None:
+        """Return when the object under `key` was last written, or None if there is none."""
+        try:
+            return self.client.stat_object(self.config.bucket, key).last_modified
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+                return None
+            raise self._unavailable(error, "stat_object") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "stat_object") from None
+
+    def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime]]:
+        """Yield (key, multipart upload id, started at) of every unfinished multipart upload."""
+        key_marker: str | None = None
+        try:
+            while True:
+                result = self.client._list_multipart_uploads(
+                    self.config.bucket, prefix=prefix, key_marker=key_marker
+                )
+                for upload in result.uploads:
+                    if upload.upload_id is not None and upload.initiated_time is not None:
+                        yield str(upload.object_name), upload.upload_id, upload.initiated_time
+                # The SDK drops NextUploadIdMarker, so pages go by key: several
+                # uploads into one key may wait for the next sweep.
+                if not result.is_truncated or not result.next_key_marker:
+                    return
+                key_marker = result.next_key_marker
+        except S3Error as error:
+            if error.code == "NoSuchBucket":
+                return
+            raise self._unavailable(error, "list_multipart_uploads") from None
+        except _TRANSPORT_ERRORS as error:
+            raise self._unavailable(error, "list_multipart_uploads") from None
+
     def _unavailable(self, error: Exception, operation: str) -> StorageUnavailable:
         # The error's text may hold the endpoint, never patient data; log the type.
         log.warning(

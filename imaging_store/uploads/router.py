@@ -169,8 +169,10 @@ def create_upload(
     content_length: Annotated[str | None, Header(alias="Content-Length")] = None,
 ) -> Response:
     """Start a resumable upload (tus creation), with its first bytes if the body has them."""
-    carries_data = content_length not in (None, "0") or "transfer-encoding" in request.headers
-    if carries_data and not _offset_octet_stream(content_type):
+    # As tus servers do, a body is upload data only when typed as such; a
+    # sized body of any other type is refused rather than silently dropped.
+    carries_data = _offset_octet_stream(content_type) and content_length != "0"
+    if not carries_data and content_length not in (None, "0"):
         raise NotOffsetOctetStream(f"a creation body must be {OFFSET_OCTET_STREAM}")
     upload_settings = service.upload_settings(settings)
     # Committed before any byte is taken: the bytes go through the PATCH

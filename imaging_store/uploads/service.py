@@ -620,8 +620,9 @@ def _stage_body(
                 _renew_lease(claim.id, token)
                 renewed_at = time.monotonic()
             # PART_BYTES stay behind to join what follows: the PATCH then
-            # ends with a whole part rather than a tail to stage and read back.
-            if len(buffer) >= 2 * PART_BYTES:
+            # ends with a whole part rather than a tail to stage and read back,
+            # and a body of up to 10 MiB stays whole for a single PUT.
+            if len(buffer) > 2 * PART_BYTES:
                 flush_part(len(buffer) - PART_BYTES)
     except UploadInterrupted:
         # tus: keep what arrived, so the client resumes from there; a body

@@ -285,6 +285,11 @@ def _all_keys(s3: Minio, settings: Settings) -> set[str]:
     return {str(item.object_name) for item in s3.list_objects(settings.s3_bucket, recursive=True)}
 
 
+def _multipart_uploads(s3: Minio, settings: Settings) -> set[str]:
+    result = s3._list_multipart_uploads(settings.s3_bucket)  # noqa: SLF001 - no public listing
+    return {str(upload.upload_id) for upload in result.uploads}
+
+
 def test_stray_objects_that_no_row_owns_are_removed_once_old(
     client: TestClient,
     session: Session,
@@ -318,11 +323,20 @@ def test_stray_objects_that_no_row_owns_are_removed_once_old(
         storage.put_bytes(key, b"bytes")
     assert owned <= _all_keys(s3, settings)
 
-    recent = retention.sweep_stray_objects(
+    retention.sweep_stray_objects(
         session, storage=storage, now=datetime.now(UTC), min_age=timedelta(hours=72)
     )
-    assert recent == 0
     assert strays <= _all_keys(s3, settings)
+    # Multipart uploads: one the upload in progress has recorded, one it is
+    # starting (not recorded yet), one a crash left. Started after the first
+    # sweep, as the local S3 server dates every one of them 2010.
+    recorded = storage.start_multipart("binaries/b-assembling", content_type="image/png")
+    starting = storage.start_multipart("binaries/b-assembling", content_type="image/png")
+    crashed = storage.start_multipart("binaries/b-crashed", content_type="image/png")
+    session.execute(
+        text("UPDATE tus_upload SET multipart_upload_id = :id WHERE id = 'u-live'"),
+        {"id": recorded},
+    )
 
     removed = retention.sweep_stray_objects(
         session,
@@ -332,12 +346,31 @@ def test_stray_objects_that_no_row_owns_are_removed_once_old(
     )
 
     left = _all_keys(s3, settings)
-    # Earlier tests of this process left objects whose rows rolled back: strays too.
-    assert removed >= len(strays)
+    # Earlier tests of this process (each test process has its own S3 server)
+    # left objects whose rows rolled back: strays too.
+    assert removed >= len(strays) + 1
+    assert _multipart_uploads(s3, settings) >= {recorded, starting}
+    assert crashed not in _multipart_uploads(s3, settings)
     assert not strays & left
     assert owned <= left
     assert "elsewhere/kept" in left
     assert client.get(f"/fhir/Binary/{binary_id}").status_code == 200
+
+
+def test_a_stray_written_again_since_it_was_listed_is_kept(
+    session: Session, storage: BinaryStorage, s3: Minio, settings: Settings
+) -> None:
+    # Listed as older than the cutoff, then written again by a retry whose
+    # row is not committed yet: the object is newer than the cutoff now.
+    storage.put_bytes("binaries/b-retried", b"bytes")
+    listed_before = datetime.now(UTC) - timedelta(minutes=5)
+
+    removed = retention._remove_strays(  # noqa: SLF001 - the window between listing and removal
+        session, storage, ["binaries/b-retried"], cutoff=listed_before
+    )
+
+    assert removed == 0
+    assert "binaries/b-retried" in _all_keys(s3, settings)
 
 
 def test_store_down_during_the_stray_sweep_raises_for_retry(

@@ -306,6 +306,26 @@ def test_a_creation_with_the_first_bytes_is_resumed_by_patch(
     assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
 
 
+def test_a_chunked_creation_takes_its_body_only_when_typed_as_upload_data(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    content = _content(40_000)
+    headers = {**TUS, **auth_headers("unit-01"), "Upload-Length": str(len(content))}
+
+    plain = httpx.post(uploads_url, content=iter([b""]), headers=headers)
+    typed = httpx.post(
+        uploads_url,
+        content=iter([content[:10_000], content[10_000:]]),
+        headers={**headers, "Content-Type": "application/offset+octet-stream"},
+    )
+
+    assert plain.status_code == 201, plain.text
+    assert plain.headers["Upload-Offset"] == "0"
+    assert typed.status_code == 201, typed.text
+    assert typed.headers["Upload-Offset"] == str(len(content))
+    assert typed.headers["Waha-Binary"].startswith("Binary/")
+
+
 def test_a_creation_whose_bytes_fail_their_checksum_keeps_the_upload_at_zero(
     uploads_url: str, auth_headers: Headers
 ) -> None:
