@@ -3,9 +3,10 @@
 1. Upload throughput of 1 MB and 10 MB images with N clients (default 4),
    through `POST /fhir/Binary`, through tus (`/imaging/uploads`, tuspy:
    a creation, then a PATCH) and through tus creation-with-upload (the file
-   in the creating POST, as tus-js-client sends it), next to a raw S3 PUT of the same sizes to the same S3 server in the same
-   run: the API should reach ≥ 80 % of the raw rate. A few untimed uploads
-   per path come first (`--warmup`), so a just-started API is measured warm.
+   in the creating POST, as tus-js-client sends it), next to a raw S3 PUT
+   of the same sizes to the same S3 server in the same run: the API should
+   reach ≥ 80 % of the raw rate. A few untimed uploads per path come first
+   (`--warmup`), so a just-started API is measured warm.
 2. API memory during one 200 MB tus upload: the resident set (VmRSS) of every
    API process is sampled; it should stay flat (growth < 64 MB).
 3. Thumbnail latency: a real photo is uploaded and its thumbnail polled until
