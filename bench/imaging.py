@@ -6,7 +6,9 @@
    in the creating POST, as tus-js-client sends it), next to a raw S3 PUT
    of the same sizes to the same S3 server in the same run: the API should
    reach ≥ 80 % of the raw rate. A few untimed uploads per path come first
-   (`--warmup`), so a just-started API is measured warm.
+   (`--warmup`), so a just-started API is measured warm. The CPU each
+   process group (API, S3 server, PostgreSQL, worker) used per upload is
+   printed too: steadier than rates on a machine shared with the clients.
 2. API memory during one 200 MB tus upload: the resident set (VmRSS) of every
    API process is sampled; it should stay flat (growth < 64 MB).
 3. Thumbnail latency: a real photo is uploaded and its thumbnail polled until
@@ -35,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -78,6 +81,8 @@ class Throughput:
     errors: list[str] = field(default_factory=list)
     # The Binary of the upload that finished last (its derivatives come last).
     last_binary: str | None = None
+    # CPU seconds each process group used during the run (see cpu_snapshot).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def megabytes_per_second(self) -> float:
@@ -265,6 +270,54 @@ def measure_raw_s3(
     return Throughput(
         "raw S3 PUT", len(payload), clients * count - failures, failures, elapsed, errors
     )
+
+
+def process_groups(api: Sequence[int]) -> dict[str, list[int]]:
+    """Return the processes on this machine of the API, the S3 server, PostgreSQL and the worker."""
+    groups: dict[str, list[int]] = {
+        "API": list(api),
+        "S3": [],
+        "PostgreSQL": [],
+        "worker": celery_worker_pids(),
+    }
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if name == "postgres":
+            groups["PostgreSQL"].append(int(entry.name))
+        elif b"moto_server" in command or name == "minio":
+            groups["S3"].append(int(entry.name))
+    return groups
+
+
+def cpu_snapshot(groups: dict[str, list[int]]) -> dict[tuple[str, int], float]:
+    """Return the CPU seconds (user + system) each live process of the groups has used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for group, pids in groups.items():
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            used[(group, pid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+def cpu_used(
+    before: dict[tuple[str, int], float], after: dict[tuple[str, int], float]
+) -> dict[str, float]:
+    """Return CPU seconds per group between two snapshots (processes alive in both)."""
+    used: dict[str, float] = {}
+    for (group, pid), seconds in after.items():
+        if (group, pid) in before:
+            used[group] = used.get(group, 0.0) + seconds - before[(group, pid)]
+    return used
 
 
 def api_pids(given: Sequence[int]) -> list[int]:
@@ -459,16 +512,44 @@ def measure_throughput(
         measure_tus_creation_with_upload(
             base_url, auth, payload, clients=args.clients, count=args.warmup, timeout=args.timeout
         )
+    groups = process_groups(api_pids(args.api_pid))
+
+    def accounted(measure: Callable[[], Throughput]) -> Throughput:
+        before = cpu_snapshot(groups)
+        run = measure()
+        run.cpu = cpu_used(before, cpu_snapshot(groups))
+        return run
+
     runs = []
     for size, count in ((MB, args.uploads_1mb), (10 * MB, args.uploads_10mb)):
         payload = image_payload(size, seed=size)
-        raw = measure_raw_s3(s3, args.raw_bucket, payload, clients=args.clients, count=count)
-        post = measure_post(
-            base_url, auth, payload, clients=args.clients, count=count, timeout=args.timeout
+        raw = accounted(
+            partial(measure_raw_s3, s3, args.raw_bucket, payload, clients=args.clients, count=count)
         )
-        tus = measure_tus(base_url, auth, payload, clients=args.clients, count=count)
-        with_upload = measure_tus_creation_with_upload(
-            base_url, auth, payload, clients=args.clients, count=count, timeout=args.timeout
+        post = accounted(
+            partial(
+                measure_post,
+                base_url,
+                auth,
+                payload,
+                clients=args.clients,
+                count=count,
+                timeout=args.timeout,
+            )
+        )
+        tus = accounted(
+            partial(measure_tus, base_url, auth, payload, clients=args.clients, count=count)
+        )
+        with_upload = accounted(
+            partial(
+                measure_tus_creation_with_upload,
+                base_url,
+                auth,
+                payload,
+                clients=args.clients,
+                count=count,
+                timeout=args.timeout,
+            )
         )
         runs.append((f"{size // MB} MB", raw, [post, tus, with_upload]))
     return runs
@@ -547,6 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             for run in (raw, *paths):
+                if run.uploads:
+                    # The worker's share is what it did during the run; the
+                    # derivatives of the last uploads come after it.
+                    print(
+                        f"  {run.path}: CPU ms per upload "
+                        + ", ".join(
+                            f"{group} {1000 * seconds / run.uploads:.1f}"
+                            for group, seconds in sorted(run.cpu.items())
+                        )
+                    )
                 for error in run.errors[:3]:
                     print(f"  {run.path} failure: {error}")
             for run in paths:
