@@ -175,42 +175,51 @@ def create_upload(
     if not carries_data and content_length not in (None, "0"):
         raise NotOffsetOctetStream(f"a creation body must be {OFFSET_OCTET_STREAM}")
     upload_settings = service.upload_settings(settings)
-    # Committed before any byte is taken: the bytes go through the PATCH
-    # path, whose lease and offset live in the upload's committed row.
-    with session_scope() as session:
-        status = service.create_upload(
-            session,
-            caller=caller,
-            upload_length=upload_length,
-            defer_length=upload_defer_length,
-            upload_metadata=upload_metadata,
-            settings=upload_settings,
-            now=datetime.now(UTC),
-            body=(content_length, upload_checksum) if carries_data else None,
-        )
-    # Relative, so it holds behind any proxy or port; tus clients resolve it
-    # against the creation URL.
-    location = f"{PREFIX}/{status.id}"
-    if carries_data:
-        # creation-with-upload: a photo goes whole in one request, one round
-        # trip less on a slow mobile link.
-        try:
-            status = service.receive_chunk(
-                storage=upload_storage,
-                upload_id=status.id,
+    if not carries_data:
+        with session_scope() as session:
+            status = service.create_upload(
+                session,
                 caller=caller,
-                upload_offset="0",
-                upload_checksum=upload_checksum,
-                content_length=content_length,
-                chunks=_body_chunks(request),
+                upload_length=upload_length,
+                defer_length=upload_defer_length,
+                upload_metadata=upload_metadata,
                 settings=upload_settings,
                 now=datetime.now(UTC),
+            )
+        location = f"{PREFIX}/{status.id}"
+    else:
+        # creation-with-upload: a photo goes whole in one request, one round
+        # trip less on a slow mobile link. The upload is committed, leased to
+        # this request, before any byte is taken: its row then says how far
+        # the bytes got, whatever happens to them.
+        with session_scope() as session:
+            held = service.create_upload_with_bytes(
+                session,
+                caller=caller,
+                upload_length=upload_length,
+                defer_length=upload_defer_length,
+                upload_metadata=upload_metadata,
+                upload_checksum=upload_checksum,
+                content_length=content_length,
+                settings=upload_settings,
+                now=datetime.now(UTC),
+            )
+        location = f"{PREFIX}/{held.status.id}"
+        try:
+            status = service.receive_first_bytes(
+                storage=upload_storage,
+                held=held,
+                caller=caller,
+                chunks=_body_chunks(request),
+                settings=upload_settings,
             )
         except WahaError as error:
             # The upload exists: the client resumes it by HEAD at this URL.
             error.headers["Location"] = location
             raise
     headers = _status_headers(status)
+    # Relative, so it holds behind any proxy or port; tus clients resolve it
+    # against the creation URL.
     headers["Location"] = location
     return Response(status_code=201, headers=headers)
 

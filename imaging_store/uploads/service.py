@@ -396,48 +396,103 @@ def create_upload(
     upload_metadata: str | None,
     settings: UploadSettings,
     now: datetime,
-    body: tuple[str | None, str | None] | None = None,
 ) -> UploadStatus:
-    """Start a resumable upload: check its headers and record it (S3 sees nothing yet).
+    """Start a resumable upload: check its headers and record it (S3 sees nothing yet)."""
+    row = _new_upload(
+        session,
+        caller=caller,
+        length=parse_upload_length(
+            upload_length, defer_length=defer_length, limit=settings.max_bytes
+        ),
+        upload_metadata=upload_metadata,
+        settings=settings,
+        now=now,
+    )
+    return _status(row)
 
-    `body`, the (Content-Length, Upload-Checksum) of bytes sent with the
-    creation (creation-with-upload), is checked too, so that a creation
-    whose bytes could never be taken records nothing.
+
+@dataclass(frozen=True, slots=True)
+class HeldUpload:
+    """A new upload whose creating request holds its lease, to take the bytes it carries."""
+
+    status: UploadStatus
+    token: uuid.UUID
+    claim: _Claim
+    checksum: UploadChecksum | None
+
+
+def create_upload_with_bytes(
+    session: Session,
+    *,
+    caller: Caller,
+    upload_length: str | None,
+    defer_length: str | None,
+    upload_metadata: str | None,
+    upload_checksum: str | None,
+    content_length: str | None,
+    settings: UploadSettings,
+    now: datetime,
+) -> HeldUpload:
+    """Start an upload whose creation carries its first bytes (tus creation-with-upload).
+
+    Everything that would refuse those bytes is checked first, so such a
+    creation records nothing. The upload is recorded already leased to this
+    request: its bytes then need no transaction of their own to claim it.
     """
     length = parse_upload_length(upload_length, defer_length=defer_length, limit=settings.max_bytes)
-    if body is not None:
-        content_length, upload_checksum = body
-        parse_upload_checksum(upload_checksum)
-        if content_length and content_length.isdigit() and int(content_length) > length:
-            raise UploadTooLarge(f"the body goes past Upload-Length {length}")
+    checksum = parse_upload_checksum(upload_checksum)
+    if content_length and content_length.isdigit() and int(content_length) > length:
+        raise UploadTooLarge(f"the body goes past Upload-Length {length}")
+    token = uuid.uuid4()
+    row = _new_upload(
+        session,
+        caller=caller,
+        length=length,
+        upload_metadata=upload_metadata,
+        settings=settings,
+        now=now,
+        lease=token,
+    )
+    return HeldUpload(status=_status(row), token=token, claim=_Claim.of(row), checksum=checksum)
+
+
+def _new_upload(
+    session: Session,
+    *,
+    caller: Caller,
+    length: int,
+    upload_metadata: str | None,
+    settings: UploadSettings,
+    now: datetime,
+    lease: uuid.UUID | None = None,
+) -> TusUploadRow:
     metadata = parse_upload_metadata(upload_metadata)
     security_context = _security_context(session, metadata, caller=caller, settings=settings)
-    binary_id = str(uuid.uuid4())
-    row = repository.add_upload(
-        session,
-        TusUploadRow(
-            id=uuid.uuid4().hex,
-            owner_client_id=caller.client_id,
-            length=length,
-            upload_offset=0,
-            upload_metadata=upload_metadata.strip() if upload_metadata else None,
-            security_context=security_context,
-            state=RECEIVING,
-            binary_id=binary_id,
-            multipart_upload_id=None,
-            parts=[],
-            tail_key=None,
-            tail_size=0,
-            expires_at=now + settings.expiry,
-        ),
+    row = TusUploadRow(
+        id=uuid.uuid4().hex,
+        owner_client_id=caller.client_id,
+        length=length,
+        upload_offset=0,
+        upload_metadata=upload_metadata.strip() if upload_metadata else None,
+        security_context=security_context,
+        state=RECEIVING,
+        binary_id=str(uuid.uuid4()),
+        multipart_upload_id=None,
+        parts=[],
+        tail_key=None,
+        tail_size=0,
+        expires_at=now + settings.expiry,
     )
+    if lease is not None:
+        _take_lease(row, token=lease, now=now)
+    repository.add_upload(session, row)
     log.info(
         "imaging_store.upload_created",
         upload_id=row.id,
         length=length,
         client_id=caller.client_id,
     )
-    return _status(row)
+    return row
 
 
 def describe_upload(
@@ -499,6 +554,48 @@ def receive_chunk(
             return _status(row)
         _take_lease(row, token=token, now=now)
         claim = _Claim.of(row)
+    return _receive_leased(
+        storage=storage,
+        claim=claim,
+        token=token,
+        chunks=chunks,
+        checksum=checksum,
+        caller=caller,
+        settings=settings,
+    )
+
+
+def receive_first_bytes(
+    *,
+    storage: BinaryStorage,
+    held: HeldUpload,
+    caller: Caller,
+    chunks: Iterable[bytes],
+    settings: UploadSettings,
+) -> UploadStatus:
+    """Take the bytes a creation carries, under the lease the creation recorded."""
+    return _receive_leased(
+        storage=storage,
+        claim=held.claim,
+        token=held.token,
+        chunks=chunks,
+        checksum=held.checksum,
+        caller=caller,
+        settings=settings,
+    )
+
+
+def _receive_leased(
+    *,
+    storage: BinaryStorage,
+    claim: _Claim,
+    token: uuid.UUID,
+    chunks: Iterable[bytes],
+    checksum: UploadChecksum | None,
+    caller: Caller,
+    settings: UploadSettings,
+) -> UploadStatus:
+    upload_id = claim.id
     try:
         assembling: _Claim | None = None
         digests: ContentDigests | None = None
