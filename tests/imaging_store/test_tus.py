@@ -945,6 +945,13 @@ def test_an_upload_that_arrives_whole_is_stored_with_one_put(
     assert upload_calls(upload_url) == [("put", "staged"), ("put", "binary")]
     assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == photo
 
+    # Exactly two parts' worth (10 MiB) still goes whole, with one PUT.
+    ten = _content(2 * PART_BYTES)
+    upload_url = _create(uploads_url, len(ten), headers)
+    finished = _patch(upload_url, ten, 0, headers)
+    assert finished.status_code == 204, finished.text
+    assert upload_calls(upload_url) == [("put", "binary")]
+
     # Over two parts' worth in one PATCH: a multipart upload, opened with the first part.
     large = _content(2 * PART_BYTES + 1024)
     upload_url = _create(uploads_url, len(large), headers)
