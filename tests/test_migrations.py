@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -134,3 +135,60 @@ def test_date_rows_become_ordered_and_a_half_built_date_index_is_rebuilt(
         assert row.low.date().isoformat() == "2031-04-20"
         assert definition.endswith("(resource_type, param, low, resource_id)")
         assert valid
+
+
+def test_quantity_rows_written_before_gain_their_human_unit(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "valueQuantity": {
+            "value": 26,
+            "unit": "pack-years",
+            "system": "http://unitsofmeasure.org",
+            "code": "{pack-years}",
+        },
+        "referenceRange": [
+            {"low": {"value": 4.5, "unit": "mmol/L", "code": "mmol/L"}},
+        ],
+    }
+    with _scratch_database(settings, f"waha_quantities_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0016")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                    " resource) VALUES ('Observation', 'o1', 1, now(), CAST(:body AS jsonb))"
+                ),
+                {"body": json.dumps(observation)},
+            )
+            # The rows the indexer wrote before 0017: the coded unit only.
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_search_quantity (resource_type, resource_id, param, value,"
+                    " low, high, system, code) VALUES"
+                    " ('Observation', 'o1', 'value-quantity', 26, 25.5, 26.5,"
+                    "  'http://unitsofmeasure.org', '{pack-years}'),"
+                    " ('Observation', 'o1', 'other-system', 26, 25.5, 26.5,"
+                    "  'http://loinc.org', '{pack-years}'),"
+                    " ('Observation', 'o1', 'range-low', 4.5, 4.45, 4.55, NULL, 'mmol/L')"
+                )
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT param, value, system, code FROM fhir_search_quantity"
+                    " ORDER BY param, system NULLS FIRST"
+                )
+            ).all()
+        engine.dispose()
+    assert [(row.param, float(row.value), row.system, row.code) for row in rows] == [
+        ("other-system", 26.0, "http://loinc.org", "{pack-years}"),
+        ("range-low", 4.5, None, "mmol/L"),
+        ("value-quantity", 26.0, None, "pack-years"),
+        ("value-quantity", 26.0, "http://unitsofmeasure.org", "{pack-years}"),
+    ]

@@ -276,22 +276,32 @@ def _quantity_row(
     return param, bounds[0], bounds[1], bounds[2], system, code
 
 
-def _quantity_code(quantity: dict[str, Any]) -> tuple[str | None, str | None]:
+def _quantity_units(quantity: dict[str, Any]) -> list[tuple[str | None, str | None]]:
+    """The (system, code) pairs a Quantity is found by: its coded unit, and its human unit."""
     code = quantity.get("code")
+    unit = quantity.get("unit")
+    unit = unit if isinstance(unit, str) and unit else None
     if not isinstance(code, str):
-        # Without a coded unit the human unit is the best the search can match.
-        unit = quantity.get("unit")
-        return None, unit if isinstance(unit, str) else None
+        return [(None, unit)]
     system = quantity.get("system")
-    return (system if isinstance(system, str) else None), code
+    units: list[tuple[str | None, str | None]] = [
+        (system if isinstance(system, str) else None, code)
+    ]
+    # R4 matches `number||unit` against the code or the unit: a unit that
+    # differs from the code ("pack-years" for {pack-years}) gets a row of its
+    # own without a system, so `number|system|code` still only meets the code.
+    if unit is not None and unit != code:
+        units.append((None, unit))
+    return units
 
 
 def _quantity(param: str, values: list[Any], out: IndexValues) -> None:
     for quantity in values:
         if isinstance(quantity, dict):
-            row = _quantity_row(param, quantity, *_quantity_code(quantity))
-            if row is not None:
-                out.quantities.append(row)
+            for system, code in _quantity_units(quantity):
+                row = _quantity_row(param, quantity, system, code)
+                if row is not None:
+                    out.quantities.append(row)
 
 
 def _money(param: str, values: list[Any], out: IndexValues) -> None:
@@ -322,11 +332,11 @@ def _range(param: str, values: list[Any], out: IndexValues, coded: bool) -> None
         if first is None:
             continue
         value, unit_source = first
-        system, code = _quantity_code(unit_source) if coded else (None, None)
+        units = _quantity_units(unit_source) if coded else [(None, None)]
         # An open side of a Range is unbounded (PostgreSQL numeric has ±Infinity).
         bottom = decimal_range(low[0])[0] if low is not None else DECIMAL_MIN
         top = decimal_range(high[0])[1] if high is not None else DECIMAL_MAX
-        out.quantities.append((param, value, bottom, top, system, code))
+        out.quantities.extend((param, value, bottom, top, system, code) for system, code in units)
 
 
 def _quantity_range(param: str, values: list[Any], out: IndexValues) -> None:

@@ -1022,16 +1022,7 @@ def sweep(
 # --- the tests ------------------------------------------------------------------------------
 
 # Failures that are known server bugs: name -> (reason, does a failure belong to it).
-KNOWN_BUGS: dict[str, tuple[str, Callable[[Failure], bool]]] = {
-    "quantity-unit": (
-        "server bug: `value-quantity=26||pack-years` misses a Quantity whose code is "
-        "{pack-years} and unit pack-years; R4 matches `number||unit` against the code or "
-        "the human unit, but the index keeps `unit` only when there is no code "
-        "(search_index/extract.py _quantity_code) and the search compares the code only "
-        "(search/repository.py _number_condition)",
-        lambda f: f.kind == "quantity:unit" and f.status == 200 and not f.unwanted,
-    ),
-}
+KNOWN_BUGS: dict[str, tuple[str, Callable[[Failure], bool]]] = {}
 
 KINDS = (
     "token",

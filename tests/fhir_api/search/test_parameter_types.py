@@ -225,6 +225,24 @@ def test_quantity_prefixes_precision_and_units(
     assert (seen in found(client, f"/fhir/Observation?value-quantity={query}")) is matches
 
 
+def test_quantity_is_found_by_its_human_unit_as_well_as_its_code(client: TestClient) -> None:
+    """R4: `number||unit` matches the code or the unit; `number|system|code` the code only."""
+    resource = observation("Patient/x", 26.0)
+    resource.pop("subject")
+    resource["valueQuantity"] = {
+        "value": 26,
+        "unit": "pack-years",
+        "system": UCUM,
+        "code": "{pack-years}",
+    }
+    smoker = create(client, resource)
+    assert smoker in found(client, "/fhir/Observation?value-quantity=26||pack-years")
+    assert smoker in found(client, "/fhir/Observation?value-quantity=26||{pack-years}")
+    assert smoker in found(client, f"/fhir/Observation?value-quantity=26|{UCUM}|{{pack-years}}")
+    assert smoker not in found(client, f"/fhir/Observation?value-quantity=26|{UCUM}|pack-years")
+    assert smoker not in found(client, "/fhir/Observation?value-quantity=27||pack-years")
+
+
 def test_number_precision(client: TestClient) -> None:
     subject = create(client, patient("NU1"))
     risk = create(

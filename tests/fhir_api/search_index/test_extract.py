@@ -280,6 +280,21 @@ def test_practitioner_is_in_no_patient_compartment() -> None:
     assert ("name", "dr.", "Dr.") in index.strings
 
 
+def test_a_quantity_unit_unlike_its_code_is_indexed_without_a_system() -> None:
+    observation = _blood_pressure()
+    observation["valueQuantity"] = {
+        "value": 26,
+        "unit": "pack-years",
+        "system": UCUM,
+        "code": "{pack-years}",
+    }
+    rows = [row for row in extract_index(observation).quantities if row[0] == "value-quantity"]
+    assert [(system, code) for *_, system, code in rows] == [
+        (UCUM, "{pack-years}"),
+        (None, "pack-years"),
+    ]
+
+
 def test_money_and_range_quantities() -> None:
     claim_item = {
         "resourceType": "ChargeItem",
