@@ -192,3 +192,24 @@ def test_quantity_rows_written_before_gain_their_human_unit(
         ("value-quantity", 26.0, None, "pack-years"),
         ("value-quantity", 26.0, "http://unitsofmeasure.org", "{pack-years}"),
     ]
+
+
+def test_resource_gin_indexes_keep_no_pending_list(settings: Settings, db_engine: object) -> None:
+    """Autogenerate does not compare index storage options: they are checked here."""
+    engine = create_engine(str(settings.migration_database_url))
+    with engine.connect() as connection:
+        options = dict(
+            connection.execute(
+                text(
+                    "SELECT relname, reloptions FROM pg_class WHERE relname IN"
+                    " ('ix_fhir_resource_tokens', 'ix_fhir_resource_refs',"
+                    " 'ix_fhir_resource_patient_ids')"
+                )
+            ).all()
+        )
+    engine.dispose()
+    assert options == {
+        "ix_fhir_resource_tokens": ["fastupdate=off"],
+        "ix_fhir_resource_refs": ["fastupdate=off"],
+        "ix_fhir_resource_patient_ids": ["fastupdate=off"],
+    }
