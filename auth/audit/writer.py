@@ -33,13 +33,14 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
 
 
-def _settle(future: asyncio.Future[None], error: AuditUnavailable | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _settle_all(futures: list[asyncio.Future[None]], error: AuditUnavailable | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class AuditWriter:
@@ -87,9 +88,14 @@ class AuditWriter:
             except Exception:  # noqa: BLE001 - the writer must outlive any one batch
                 log.exception("auth.audit_writer_failed", events=len(batch))
                 error = AuditUnavailable("the audit trail cannot be written; retry later")
+            # One wake-up per event loop, not per request: each is a write to
+            # the loop's self-pipe, and a batch mostly serves one loop.
+            futures_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
             for pending in batch:
+                futures_by_loop.setdefault(pending.loop, []).append(pending.future)
+            for loop, futures in futures_by_loop.items():
                 try:
-                    pending.loop.call_soon_threadsafe(_settle, pending.future, error)
+                    loop.call_soon_threadsafe(_settle_all, futures, error)
                 except RuntimeError:
-                    # The request's event loop is gone (client went away at shutdown).
+                    # The requests' event loop is gone (clients went away at shutdown).
                     continue

@@ -159,11 +159,12 @@ def _decode_cursor(token: str, kinds: Sequence[str]) -> tuple[bool, list[Any]]:
     return raw[0] == "p", [*values, raw[2], raw[3]]
 
 
-def _link(link_base: str, pairs: Sequence[tuple[str, str]], cursor: str | None = None) -> str:
-    items = list(pairs)
+def _link(link_base: str, encoded_pairs: str, cursor: str | None = None) -> str:
+    """Return a paging link: the search's own parameters (encoded once), then its cursor."""
+    parts = [encoded_pairs] if encoded_pairs else []
     if cursor is not None:
-        items.append(("_cursor", cursor))
-    return f"{link_base}?{urlencode(items, safe=':,/')}" if items else link_base
+        parts.append(urlencode([("_cursor", cursor)]))
+    return f"{link_base}?{'&'.join(parts)}" if parts else link_base
 
 
 def _run(
@@ -190,18 +191,19 @@ def _run(
         rows = rows[: query.count]
         if backwards:
             rows.reverse()
-    links = [{"relation": "self", "url": _link(link_base, query.pairs, query.cursor)}]
-    links.append({"relation": "first", "url": _link(link_base, query.pairs)})
+    encoded_pairs = urlencode(query.pairs, safe=":,/")
+    links = [{"relation": "self", "url": _link(link_base, encoded_pairs, query.cursor)}]
+    links.append({"relation": "first", "url": _link(link_base, encoded_pairs)})
     if rows:
         first, last = rows[0], rows[-1]
         has_next = (more and not backwards) or (backwards and after is not None)
         has_previous = (more and backwards) or (not backwards and after is not None)
         if has_previous:
             cursor = _encode_cursor("p", first[0], first[1], first[2])
-            links.append({"relation": "previous", "url": _link(link_base, query.pairs, cursor)})
+            links.append({"relation": "previous", "url": _link(link_base, encoded_pairs, cursor)})
         if has_next:
             cursor = _encode_cursor("n", last[0], last[1], last[2])
-            links.append({"relation": "next", "url": _link(link_base, query.pairs, cursor)})
+            links.append({"relation": "next", "url": _link(link_base, encoded_pairs, cursor)})
     bundle: JSONObject = {"resourceType": "Bundle", "type": "searchset"}
     total = _total(session, query, scope, rows=len(rows), more=more, count_only=count_only)
     if total is not None:
