@@ -198,7 +198,7 @@ def test_resource_gin_indexes_keep_no_pending_list(settings: Settings, db_engine
     """Autogenerate does not compare index storage options: they are checked here."""
     engine = create_engine(str(settings.migration_database_url))
     with engine.connect() as connection:
-        options = dict(
+        options: dict[str, list[str]] = dict(
             connection.execute(
                 text(
                     "SELECT relname, reloptions FROM pg_class WHERE relname IN"
