@@ -471,9 +471,11 @@ class TransactionEngine:
         except WahaError as error:
             raise at(error, where) from None
         if len(found) != 1:
+            # The query itself stays out of the message: it may carry patient data.
+            message = f"conditional reference {resource_type}?… matched {len(found)} resources"
             raise PreconditionFailed(
-                f"{where}: conditional reference {resource_type}?… matched {len(found)} resources",
-                issues=[Issue("not-found" if not found else "multiple-matches", "", where)],
+                f"{where}: {message}",
+                issues=[Issue("not-found" if not found else "multiple-matches", message, where)],
             )
         return f"{resource_type}/{found[0]}"
 

@@ -149,7 +149,12 @@ def test_conditional_reference_is_resolved(client: TestClient) -> None:
     stored = response.json()["entry"][0]["resource"]
     assert stored["subject"]["reference"] == f"Patient/{created['id']}"
     bundle["entry"][0]["resource"] = observation(f"Patient?identifier={NATIONAL_ID}|none")
-    assert client.post("/fhir", json=bundle, headers=FHIR_JSON).status_code == 412
+    refused = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert refused.status_code == 412
+    (issue,) = refused.json()["issue"]
+    assert issue["code"] == "not-found"
+    assert issue["diagnostics"] == "conditional reference Patient?… matched 0 resources"
+    assert issue["expression"] == ["Bundle.entry[0].resource.subject.reference"]
 
 
 def test_same_conditional_create_twice_in_one_bundle_makes_one(
