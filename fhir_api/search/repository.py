@@ -625,6 +625,8 @@ def sort_expression(resource: FromClause, key: SortKey) -> ColumnElement[Any]:
 
 
 SortValue = str | datetime | Decimal | None
+# Sort keys whose value every resource has (NOT NULL columns of fhir_resource).
+NEVER_NULL_SORTS = frozenset({"_lastUpdated", "_id"})
 
 
 def sort_value_kind(key: SortKey) -> str:
@@ -637,20 +639,37 @@ def sort_value_kind(key: SortKey) -> str:
 
 
 def _after(
-    columns: Sequence[tuple[ColumnElement[Any], bool]], values: Sequence[Any]
+    columns: Sequence[tuple[ColumnElement[Any], bool]],
+    values: Sequence[Any],
+    never_null: Sequence[bool] | None = None,
 ) -> ColumnElement[bool]:
     """Rows strictly after `values` in the order of `columns` (NULLs last either way)."""
     alternatives: list[ColumnElement[bool]] = []
     equal_so_far: list[ColumnElement[bool]] = []
-    for (column, descending), value in zip(columns, values, strict=True):
+    flags = never_null or [False] * len(columns)
+    for (column, descending), value, not_null in zip(columns, values, flags, strict=True):
         if value is None:
             # Only NULLs follow a NULL, and they compare equal.
             equal_so_far.append(column.is_(None))
             continue
         later = column < value if descending else column > value
-        alternatives.append(and_(*equal_so_far, or_(later, column.is_(None))))
+        alternatives.append(
+            and_(*equal_so_far, later if not_null else or_(later, column.is_(None)))
+        )
         equal_so_far.append(column == value)
     return or_(false(), *alternatives)
+
+
+def _in_order(column: ColumnElement[Any], descending: bool, never_null: bool) -> Any:
+    """Order by `column`, NULLs last; a column that is never NULL needs no NULLS clause.
+
+    An index hands out a descending order with its NULLs first: `DESC NULLS LAST`
+    keeps the planner from reading `_sort=-_lastUpdated` off the (type,
+    last_updated) index, and it sorted a whole type instead (1.5 s on 133,000
+    encounters, 0.5 ms from the index).
+    """
+    ordered = column.desc() if descending else column.asc()
+    return ordered if never_null else ordered.nulls_last()
 
 
 def page_statement(
@@ -692,10 +711,14 @@ def page_statement(
             .subquery("matched")
         )
         keyed = _keyed(matched, directions, backwards)
+        # The type and id columns, and the sort values of `_lastUpdated` and `_id`.
+        never_null = [key.code in NEVER_NULL_SORTS for key in sort] + [True, True]
         walk = select(matched)
         if after is not None:
-            walk = walk.where(_after(keyed, after))
-        ordering = [(c.desc() if d else c.asc()).nulls_last() for c, d in keyed]
+            walk = walk.where(_after(keyed, after, never_null))
+        ordering = [
+            _in_order(c, d, not_null) for (c, d), not_null in zip(keyed, never_null, strict=True)
+        ]
         page = walk.order_by(*ordering).limit(limit).subquery("page")
     elif driver is not None:
         (resource_type,) = criteria

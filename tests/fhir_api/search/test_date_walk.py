@@ -253,3 +253,28 @@ def test_only_single_valued_dates_are_walked(session: Session) -> None:
     assert not _walked(session, "location-period=ge2031-03-01&_sort=-location-period")
     # Sorted by another date than the one filtered on: the planner's.
     assert not _walked(session, "date=ge2031-03-01&_sort=-_lastUpdated")
+
+
+def test_last_updated_order_is_one_an_index_can_serve() -> None:
+    """`_lastUpdated` and `_id` are never NULL: no NULLS LAST that would force a sort."""
+    for sort, nulls_last in (("-_lastUpdated", False), ("_id", False), ("-date", True)):
+        query = parse_search(["Encounter"], [("_sort", sort)], base_url=BASE)
+        statement = repository.page_statement(
+            criteria=query.criteria,
+            sort=query.sort,
+            after=None,
+            backwards=False,
+            limit=21,
+            scope=SearchScope(),
+        )
+        inner = str(statement).split("LIMIT")[0].rsplit("ORDER BY", 1)[1]
+        assert inner.split(",")[0].strip().endswith("NULLS LAST") is nulls_last, inner
+
+
+def test_last_updated_pages_forward_and_back_in_order(client: TestClient) -> None:
+    created = [create(client, patient(f"LU{n}", family="Lastupdated")) for n in range(7)]
+    forward, backward = _walk_pages(
+        client, "/fhir/Patient?family=lastupdated&_sort=-_lastUpdated&_count=3"
+    )
+    assert forward == list(reversed(created))
+    assert backward == forward
