@@ -152,6 +152,15 @@ def test_quantity_rows_written_before_gain_their_human_unit(
         "referenceRange": [
             {"low": {"value": 4.5, "unit": "mmol/L", "code": "mmol/L"}},
         ],
+        # The indexer never reads a contained resource for its container's
+        # parameters: its unit must not become a row of the container.
+        "contained": [
+            {
+                "resourceType": "Observation",
+                "id": "inner",
+                "valueQuantity": {"value": 4.5, "unit": "millimoles per litre", "code": "mmol/L"},
+            }
+        ],
     }
     with _scratch_database(settings, f"waha_quantities_{run_id}_{worker_id}") as url:
         config = alembic_config(url)

@@ -21,6 +21,8 @@ def upgrade() -> None:
     # (fhir_api.search_index.extract._quantity_units). Rows written before are
     # completed from the stored resources: each coded row's unit is read from
     # the Quantity (or Range bound) holding that code, system and value.
+    # Contained resources are left out: the indexer never reads them for the
+    # container's parameters, so their units must not become its rows.
     op.execute(
         """
         INSERT INTO fhir_search_quantity
@@ -32,7 +34,7 @@ def upgrade() -> None:
         CROSS JOIN LATERAL (
             SELECT quantity ->> 'unit' AS unit
             FROM jsonb_path_query(
-                r.resource,
+                r.resource - 'contained',
                 'lax $.** ? (@.code == $code && @.value == $value && @.unit != $code'
                 ' && @.unit.type() == "string")',
                 jsonb_build_object('code', q.code, 'value', q.value),

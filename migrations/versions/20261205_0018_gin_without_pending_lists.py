@@ -20,7 +20,11 @@ GIN_INDEXES = ("ix_fhir_resource_tokens", "ix_fhir_resource_refs", "ix_fhir_reso
 def upgrade() -> None:
     # See fhir_api.models.GIN_STORAGE for the measurements. Turning fastupdate
     # off leaves entries already pending in the list; merging them now means
-    # no lookup scans them until the next vacuum.
+    # no lookup scans them until the next vacuum. Setting fastupdate takes an
+    # ACCESS EXCLUSIVE lock: waiting behind a long reader would queue every
+    # write behind this statement, so the migration gives up instead and is
+    # run again.
+    op.execute("SET LOCAL lock_timeout = '10s'")
     for index in GIN_INDEXES:
         op.execute(f"ALTER INDEX {index} RESET (gin_pending_list_limit)")
         op.execute(f"ALTER INDEX {index} SET (fastupdate = off)")
