@@ -32,6 +32,7 @@ from sqlalchemy import (
     func,
     literal,
     not_,
+    null,
     or_,
     select,
     true,
@@ -95,6 +96,17 @@ INNER_DATE = DATES.alias("inner")
 DATE_WALK_MIN_KEYED_MATCHES = 200
 DATE_WALK_DECISION_SECONDS = 300.0
 _walk_decisions: dict[Hashable, tuple[bool, float]] = {}
+# A search sorted by a date it does not filter on walks that date's index too,
+# but nothing bounds the walk: a caller who may see few of the rows would read
+# them all. It reads this many rows per page asked for (within the bounds), and
+# a page it could not fill that way is found by the planner's plan instead.
+SORT_WALK_ROWS_PER_MATCH = 100
+SORT_WALK_MIN_ROWS = 2_000
+SORT_WALK_MAX_ROWS = 50_000
+# Searches whose walk ran out of budget, with when: their next pages (and the
+# same search by the same caller) go to the planner at once for a while, so a
+# caller who sees few of the rows does not pay for a failed walk on every page.
+_sort_walks_given_up: dict[Hashable, float] = {}
 CHAINED = RESOURCE.alias("chained")
 HAS_SOURCE = RESOURCE.alias("has_source")
 # The bounds of the range a date row covers (rows are ordered: these are low
@@ -642,26 +654,36 @@ def _after(
     columns: Sequence[tuple[ColumnElement[Any], bool]],
     values: Sequence[Any],
     never_null: Sequence[bool] | None = None,
+    *,
+    nulls_first: bool = False,
 ) -> ColumnElement[bool]:
-    """Rows strictly after `values` in the order of `columns` (NULLs last either way)."""
+    """Rows strictly after `values` in the order of `columns`.
+
+    A search's order puts resources without a sort value last; walking it
+    backwards (`nulls_first`), they come first.
+    """
     alternatives: list[ColumnElement[bool]] = []
     equal_so_far: list[ColumnElement[bool]] = []
     flags = never_null or [False] * len(columns)
     for (column, descending), value, not_null in zip(columns, values, flags, strict=True):
         if value is None:
-            # Only NULLs follow a NULL, and they compare equal.
+            # NULLs compare equal; every value follows them when they come first.
+            if nulls_first:
+                alternatives.append(and_(*equal_so_far, column.is_not(None)))
             equal_so_far.append(column.is_(None))
             continue
         later = column < value if descending else column > value
-        alternatives.append(
-            and_(*equal_so_far, later if not_null else or_(later, column.is_(None)))
-        )
+        if not (not_null or nulls_first):
+            later = or_(later, column.is_(None))
+        alternatives.append(and_(*equal_so_far, later))
         equal_so_far.append(column == value)
     return or_(false(), *alternatives)
 
 
-def _in_order(column: ColumnElement[Any], descending: bool, never_null: bool) -> Any:
-    """Order by `column`, NULLs last; a column that is never NULL needs no NULLS clause.
+def _in_order(
+    column: ColumnElement[Any], descending: bool, never_null: bool, *, nulls_first: bool = False
+) -> Any:
+    """Order by `column`, NULLs last (first walking back); never-NULL columns need no clause.
 
     An index hands out a descending order with its NULLs first: `DESC NULLS LAST`
     keeps the planner from reading `_sort=-_lastUpdated` off the (type,
@@ -669,7 +691,9 @@ def _in_order(column: ColumnElement[Any], descending: bool, never_null: bool) ->
     encounters, 0.5 ms from the index).
     """
     ordered = column.desc() if descending else column.asc()
-    return ordered if never_null else ordered.nulls_last()
+    if never_null:
+        return ordered
+    return ordered.nulls_first() if nulls_first else ordered.nulls_last()
 
 
 def page_statement(
@@ -715,9 +739,10 @@ def page_statement(
         never_null = [key.code in NEVER_NULL_SORTS for key in sort] + [True, True]
         walk = select(matched)
         if after is not None:
-            walk = walk.where(_after(keyed, after, never_null))
+            walk = walk.where(_after(keyed, after, never_null, nulls_first=backwards))
         ordering = [
-            _in_order(c, d, not_null) for (c, d), not_null in zip(keyed, never_null, strict=True)
+            _in_order(c, d, not_null, nulls_first=backwards)
+            for (c, d), not_null in zip(keyed, never_null, strict=True)
         ]
         page = walk.order_by(*ordering).limit(limit).subquery("page")
     elif driver is not None:
@@ -763,7 +788,9 @@ def _page_with_resources(
             stored,
             and_(stored.c.resource_type == page.c.resource_type, stored.c.id == page.c.id),
         )
-        .order_by(*((c.desc() if d else c.asc()).nulls_last() for c, d in final_order))
+        .order_by(
+            *(_in_order(c, d, never_null=False, nulls_first=backwards) for c, d in final_order)
+        )
     )
 
 
@@ -798,6 +825,13 @@ def walks_dates(
         return False
     ((resource_type, found),) = criteria.items()
     keyed: list[Criterion] = [c for c in found if isinstance(c, KeyedCriterion)]
+    return _keyed_criteria_are_broad(session, resource_type, keyed)
+
+
+def _keyed_criteria_are_broad(
+    session: Session, resource_type: str, keyed: Sequence[Criterion]
+) -> bool:
+    """Tell whether keyed criteria match enough resources for a date walk to win."""
     if not keyed:
         return True
     decision_key = (resource_type, *keyed)
@@ -805,7 +839,7 @@ def walks_dates(
     known = _walk_decisions.get(decision_key)
     if known is not None and now - known[1] < DATE_WALK_DECISION_SECONDS:
         return known[0]
-    expected = estimate_matches(session, criteria={resource_type: keyed}, scope=UNRESTRICTED)
+    expected = estimate_matches(session, criteria={resource_type: list(keyed)}, scope=UNRESTRICTED)
     walk = expected >= DATE_WALK_MIN_KEYED_MATCHES
     if len(_walk_decisions) >= MAX_TEMPLATES:
         _walk_decisions.clear()
@@ -940,6 +974,221 @@ def _date_walk_page(
     return walk.subquery("page")
 
 
+def sort_walk(criteria: dict[str, list[Criterion]], sort: Sequence[SortKey]) -> str | None:
+    """Return the type when a search sorted by a date, with no window on it, can walk it.
+
+    Such a search (`Encounter?_sort=-date`, a code's observations by date) has
+    no window to walk: it walks the whole date index in sort order, checking
+    each row lazily, and then the resources without that date, which sort
+    last. Only for keyed criteria (or none), whose breadth the planner can
+    estimate: a rare name would leave the walk reading every date.
+    """
+    if len(sort) != 1 or sort[0].type != "date" or len(criteria) != 1:
+        return None
+    ((resource_type, found),) = criteria.items()
+    if not single_valued(resource_type, sort[0].code) or sort[0].code in _windows(found):
+        return None
+    if not all(isinstance(criterion, KeyedCriterion) for criterion in found):
+        return None
+    return resource_type
+
+
+def walks_sort_dates(
+    session: Session, criteria: dict[str, list[Criterion]], sort: Sequence[SortKey]
+) -> bool:
+    """Tell whether a page of this search is best found by walking its sort date unbounded."""
+    resource_type = sort_walk(criteria, sort)
+    if resource_type is None:
+        return False
+    return _keyed_criteria_are_broad(session, resource_type, criteria[resource_type])
+
+
+def _sort_walk_rows(
+    resource_type: str, key: SortKey, after: Sequence[Any] | None, backwards: bool
+) -> tuple[Select[Any], list[tuple[ColumnElement[Any], bool]]]:
+    """Select the sort date's rows after a dated position, in walk order, and that order."""
+    dates = INNER_DATE
+    descending = key.descending != backwards
+    # The btrees hold (high DESC, id) and (low, id): each order, or its reverse.
+    value = dates.c.high if key.descending else dates.c.low
+    keyed: list[tuple[ColumnElement[Any], bool]] = [
+        (value, descending),
+        (dates.c.resource_type, backwards),
+        (dates.c.resource_id, backwards),
+    ]
+    conditions = [dates.c.resource_type == resource_type, dates.c.param == key.code]
+    if after is not None:
+        position = after[0]
+        conditions.append(value <= position if descending else value >= position)
+        conditions.append(_after(keyed, after, [True, True, True]))
+    rows = (
+        select(value.label("s0"), dates.c.resource_type, dates.c.resource_id.label("id"))
+        .where(*conditions)
+        .order_by(*(c.desc() if d else c.asc() for c, d in keyed))
+    )
+    return rows, keyed
+
+
+def _sort_walk_page(
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    scope: SearchScope,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+    budget: int,
+) -> Subquery:
+    """Return a page of (s0, type, id) from the first `budget` date rows after `after`."""
+    resource = MATCHED
+    (resource_type,) = criteria
+    rows_select, _ = _sort_walk_rows(resource_type, key, after, backwards)
+    rows = rows_select.limit(budget).subquery("rows")
+    check = (
+        select(literal(1).label("ok"))
+        .select_from(resource)
+        .where(
+            resource.c.resource_type == rows.c.resource_type,
+            resource.c.id == rows.c.id,
+            match_condition(resource, criteria, scope),
+        )
+        .offset(0)
+        .lateral("checked")
+    )
+    descending = key.descending != backwards
+    return (
+        select(rows.c.s0, rows.c.resource_type, rows.c.id)
+        .select_from(rows.join(check, true()))
+        .order_by(*(c.desc() if d else c.asc() for c, d in _keyed(rows, [descending], backwards)))
+        .limit(limit)
+        .subquery("page")
+    )
+
+
+def _undated_page(
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    scope: SearchScope,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+) -> Subquery:
+    """Return a page of (NULL, type, id): matches without the sort date, in (type, id) order."""
+    resource = MATCHED
+    dated = exists(
+        select(literal(1))
+        .select_from(DATES)
+        .where(
+            DATES.c.resource_type == resource.c.resource_type,
+            DATES.c.resource_id == resource.c.id,
+            DATES.c.param == key.code,
+        )
+    )
+    page = select(
+        sql_cast(null(), DateTime(timezone=True)).label("s0"),
+        resource.c.resource_type,
+        resource.c.id,
+    ).where(match_condition(resource, criteria, scope), not_(dated))
+    if after is not None:
+        position = tuple_(resource.c.resource_type, resource.c.id)
+        boundary = tuple_(literal(after[-2]), literal(after[-1]))
+        page = page.where(position < boundary if backwards else position > boundary)
+    order = (resource.c.resource_type, resource.c.id)
+    page = page.order_by(*(c.desc() if backwards else c.asc() for c in order))
+    return page.limit(limit).subquery("page")
+
+
+PageRow = tuple[list[Any], str, str, str, list[str]]
+
+
+def _page_rows(
+    session: Session, page: Subquery, directions: Sequence[bool], backwards: bool
+) -> list[PageRow]:
+    """Run a page query of one sort key and return its rows with their resources."""
+    statement = _page_with_resources(page, directions, backwards)
+    return [
+        ([row[0]], str(row[1]), str(row[2]), str(row[3]), list(row[4] or ()))
+        for row in session.execute(statement)
+    ]
+
+
+def _sort_walk_key(
+    criteria: dict[str, list[Criterion]], sort: Sequence[SortKey], scope: SearchScope
+) -> Hashable | None:
+    """Return the key of a sorted search and its caller's scope (None: a scope without a key)."""
+    if scope.condition is not None and scope.key is None:
+        return None
+    ((resource_type, found),) = criteria.items()
+    parameters = orjson.dumps(dict(scope.parameters), option=orjson.OPT_SORT_KEYS)
+    return (resource_type, tuple(found), tuple(sort), scope.key, parameters)
+
+
+def _walk_sort_dates(
+    session: Session,
+    *,
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+    scope: SearchScope,
+) -> list[PageRow] | None:
+    """Return a page by walking the sort date, or None when the walk's budget ran out.
+
+    Forward, the order is every dated match, then every undated one (NULLs
+    last, by type and id); backwards, the reverse.
+    """
+    directions = [key.descending != backwards]
+    budget = min(max(limit * SORT_WALK_ROWS_PER_MATCH, SORT_WALK_MIN_ROWS), SORT_WALK_MAX_ROWS)
+    in_undated = after is not None and after[0] is None
+    found: list[PageRow] = []
+
+    def walk(position: Sequence[Any] | None, size: int) -> list[PageRow]:
+        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget)
+        return _page_rows(session, page, directions, backwards)
+
+    def undated(position: Sequence[Any] | None, size: int) -> list[PageRow]:
+        page = _undated_page(criteria, key, scope, position, backwards, size)
+        return _page_rows(session, page, directions, backwards)
+
+    def walked_all(position: Sequence[Any] | None) -> bool:
+        return _dated_rows_exhausted(session, criteria, key, position, backwards, budget)
+
+    if not backwards:
+        if not in_undated:
+            found = walk(after, limit)
+            if len(found) == limit:
+                return found
+            if not walked_all(after):
+                return None
+            after = None
+        return found + undated(after, limit - len(found))
+    if after is None or in_undated:
+        found = undated(after, limit)
+        if len(found) == limit:
+            return found
+        after = None
+    dated = walk(after, limit - len(found))
+    if len(found) + len(dated) < limit and not walked_all(after):
+        return None
+    return found + dated
+
+
+def _dated_rows_exhausted(
+    session: Session,
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    budget: int,
+) -> bool:
+    """Tell whether fewer than `budget` date rows follow `after`: the walk saw them all."""
+    (resource_type,) = criteria
+    rows, _ = _sort_walk_rows(resource_type, key, after, backwards)
+    # An index-only count of at most `budget` entries.
+    counted = select(func.count()).select_from(rows.limit(budget).subquery())
+    return int(session.execute(counted).scalar_one()) < budget
+
+
 def string_driver(
     criteria: dict[str, list[Criterion]], sort: Sequence[SortKey]
 ) -> StringCriterion | None:
@@ -1034,8 +1283,28 @@ def list_page(
     backwards: bool,
     limit: int,
     scope: SearchScope,
-) -> list[tuple[list[Any], str, str, str, list[str]]]:
+) -> list[PageRow]:
     """Return up to `limit` matches after a keyset position: (sort values, type, id, json, refs)."""
+    if walks_sort_dates(session, criteria, sort):
+        given_up_key = _sort_walk_key(criteria, sort, scope)
+        now = time.monotonic()
+        given_up = _sort_walks_given_up.get(given_up_key) if given_up_key else None
+        if given_up is None or now - given_up >= DATE_WALK_DECISION_SECONDS:
+            walked = _walk_sort_dates(
+                session,
+                criteria=criteria,
+                key=sort[0],
+                after=after,
+                backwards=backwards,
+                limit=limit,
+                scope=scope,
+            )
+            if walked is not None:
+                return walked
+            if given_up_key is not None:
+                if len(_sort_walks_given_up) >= MAX_TEMPLATES:
+                    _sort_walks_given_up.clear()
+                _sort_walks_given_up[given_up_key] = now
     values: dict[str, Any] = {}
     shape = None
     walk_dates = walks_dates(session, criteria, sort)

@@ -278,3 +278,151 @@ def test_last_updated_pages_forward_and_back_in_order(client: TestClient) -> Non
     )
     assert forward == list(reversed(created))
     assert backward == forward
+
+
+def _sort_walks(session: Session, query: str) -> bool:
+    pairs = [(name, value) for name, _, value in (p.partition("=") for p in query.split("&"))]
+    parsed = parse_search(["Encounter"], pairs, base_url=BASE)
+    return repository.walks_sort_dates(session, parsed.criteria, parsed.sort)
+
+
+@pytest.fixture
+def undated(client: TestClient, visits: dict[str, Any]) -> list[str]:
+    """Two encounters of the visits' patient without a period: they sort last either way."""
+    made = []
+    for _ in range(2):
+        encounter = visit_encounter(visits["subject"], f"Organization/{visits['unit_a']}", "x")
+        del encounter["period"]
+        made.append(create(client, encounter))
+    return sorted(made)
+
+
+def test_a_date_sort_without_its_window_walks_the_dates_then_the_undated(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    undated: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    query = f"subject={visits['subject']}"
+    planned = {
+        (sort, count): _walk_pages(client, f"/fhir/Encounter?{query}&_sort={sort}&_count={count}")
+        for sort in ("-date", "date")
+        for count in (2, 3)
+    }
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
+    runs: list[bool] = []
+    walk = repository._walk_sort_dates
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        found = walk(*args, **kwargs)
+        runs.append(found is not None)
+        return found
+
+    monkeypatch.setattr(repository, "_walk_sort_dates", counted)
+    for sort in ("-date", "date"):
+        for count in (2, 3):
+            url = f"/fhir/Encounter?{query}&_sort={sort}&_count={count}"
+            assert _sort_walks(session, f"{query}&_sort={sort}")
+            forward, backward = _walk_pages(client, url)
+            assert (forward, backward) == planned[sort, count], url
+            assert forward == backward
+            assert forward[-2:] == undated
+            dated = [i for i in visits["latest_first"] if i in forward]
+            ordered = dated if sort == "-date" else list(visits["earliest_first"])
+            assert [i for i in forward if i in ordered] == ordered
+    # Every page, the undated ones and the way back included, came from the walk.
+    assert runs and all(runs)
+
+
+def test_a_walk_that_runs_out_of_budget_leaves_the_page_to_the_planner(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    undated: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    query = f"subject={visits['subject']}&_sort=-date&_count=3"
+    planned = _walk_pages(client, f"/fhir/Encounter?{query}")
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
+    # One date row per page: the walk rarely fills one, and says so.
+    monkeypatch.setattr(repository, "SORT_WALK_ROWS_PER_MATCH", 0)
+    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", 1)
+    monkeypatch.setattr(repository, "_sort_walks_given_up", {})
+    assert _walk_pages(client, f"/fhir/Encounter?{query}") == planned
+    # Remembered: the next pages of the search went to the planner at once.
+    assert len(repository._sort_walks_given_up) == 1
+    parsed = parse_search(["Encounter"], [("_sort", "-date")], base_url=BASE)
+    gave_up = repository._walk_sort_dates(
+        session,
+        criteria=parsed.criteria,
+        key=parsed.sort[0],
+        after=None,
+        backwards=False,
+        limit=3,
+        scope=SearchScope(),
+    )
+    assert gave_up is None
+
+
+def test_a_date_sort_walk_keeps_to_the_callers_scope(
+    session: Session, visits: dict[str, Any], undated: list[str]
+) -> None:
+    hidden = {visits["made"]["late"], undated[0]}
+
+    def condition(resource: FromClause) -> ColumnElement[bool]:
+        return not_(and_(resource.c.resource_type == "Encounter", resource.c.id.in_(hidden)))
+
+    subject = visits["subject"]
+    bundle = search(
+        session,
+        resource_type="Encounter",
+        pairs=[("subject", subject), ("_sort", "-date"), ("_count", "100")],
+        base_url=BASE,
+        scope=SearchScope(condition),
+    )
+    matched = _page_ids(orjson.loads(orjson.dumps(bundle)))
+    assert not hidden & set(matched)
+    assert matched[-1] == undated[1]
+
+
+def test_which_date_sorts_walk_without_a_window(
+    session: Session, visits: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _sort_walks(session, "_sort=-date")  # no criteria: the walk
+    # A patient's few encounters are fetched and sorted: the planner's.
+    assert not _sort_walks(session, f"subject={visits['subject']}&_sort=-date")
+    # A window on the sort date: the windowed walk's, not this one's.
+    assert not _sort_walks(session, f"{WINDOW}&_sort=-date")
+    # Criteria the planner cannot size, several sort keys, several values a resource.
+    assert not _sort_walks(session, "reason-code:text=fever&_sort=-date")
+    assert not _sort_walks(session, "_sort=-date,_id")
+    assert not _sort_walks(session, "_sort=-location-period")
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
+    assert _sort_walks(session, f"subject={visits['subject']}&_sort=-date")
+
+
+def test_pages_back_from_resources_without_the_sort_value_reach_the_valued_ones(
+    client: TestClient,
+) -> None:
+    """Walking back, the resources without a value come first: then every valued one."""
+    born = ["1950-01-01", "1960-01-01", "1970-01-01", "1980-01-01"]
+    valued = [
+        create(client, patient(f"NS{n}", family="Nullsort", birthDate=d))
+        for n, d in enumerate(born)
+    ]
+    unborn = []
+    for n in range(3):
+        resource = patient(f"NSX{n}", family="Nullsort")
+        del resource["birthDate"]
+        unborn.append(create(client, resource))
+    for sort, dated in (("-birthdate", valued[::-1]), ("birthdate", valued)):
+        for count in (2, 3, 4):
+            forward, backward = _walk_pages(
+                client, f"/fhir/Patient?family=nullsort&_sort={sort}&_count={count}"
+            )
+            assert forward == [*dated, *sorted(unborn)], (sort, count)
+            assert backward == forward, (sort, count)
