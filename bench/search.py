@@ -49,7 +49,13 @@ from fhir_api.search import parser as search_parser
 from fhir_api.search import repository as search_repository
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/waha"
-TARGETS = {"identifier": 0.010, "subject-code-date": 0.050, "encounter": 0.050, "name": 0.050}
+TARGETS = {
+    "identifier": 0.010,
+    "subject-code-date": 0.050,
+    "encounter": 0.050,
+    "name": 0.050,
+    "date-sort": 0.050,
+}
 TARGET_IDENTIFIER_RPS = 1_000
 
 
@@ -160,6 +166,14 @@ def sample_queries(database_url: str, samples: int, seed: int) -> dict[str, list
                 ("_include", "Encounter:subject"),
             ]
             queries["encounter"].append("Encounter?" + urlencode(params))
+        # Sorted by a date without a window on it: the first page of a whole type, or of a code.
+        codes = sorted({code.partition("=")[2] for _, code, _ in observations if code})
+        queries["date-sort"] = [
+            "Encounter?_sort=-date",
+            "Encounter?_sort=date",
+            "Patient?_sort=-birthdate",
+            *("Observation?" + urlencode({"code": code, "_sort": "-date"}) for code in codes),
+        ]
         names = _sample(
             connection,
             "SELECT value_normalized FROM fhir_search_string {sample} "
@@ -348,14 +362,16 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
             # The plan the API would choose: a sorted date search may walk its dates.
             with Session(engine) as session:
                 walk = search_repository.walks_dates(session, parsed.criteria, parsed.sort)
-            statement = search_repository.page_statement(
+                sort_walk = search_repository.walks_sort_dates(
+                    session, parsed.criteria, parsed.sort
+                )
+            statement = search_repository.first_page_statement(
                 criteria=parsed.criteria,
                 sort=parsed.sort,
-                after=None,
-                backwards=False,
                 limit=parsed.count + 1,
                 scope=search_repository.UNRESTRICTED,
                 walk_dates=walk,
+                walk_sort_dates=sort_walk,
             )
             compiled = statement.compile(engine, compile_kwargs={"render_postcompile": True})
             params = dict(compiled.params)

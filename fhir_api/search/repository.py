@@ -1111,6 +1111,35 @@ def _page_rows(
     ]
 
 
+def first_page_statement(
+    *,
+    criteria: dict[str, list[Criterion]],
+    sort: Sequence[SortKey],
+    limit: int,
+    scope: SearchScope,
+    walk_dates: bool,
+    walk_sort_dates: bool,
+) -> Select[Any]:
+    """Return the statement of a search's first page as `list_page` first runs it (for EXPLAIN)."""
+    if walk_sort_dates:
+        page = _sort_walk_page(criteria, sort[0], scope, None, False, limit, _walk_budget(limit))
+        return _page_with_resources(page, [sort[0].descending], False)
+    return page_statement(
+        criteria=criteria,
+        sort=sort,
+        after=None,
+        backwards=False,
+        limit=limit,
+        scope=scope,
+        walk_dates=walk_dates,
+    )
+
+
+def _walk_budget(limit: int) -> int:
+    """Return how many date rows a date sort's walk reads for a page of `limit`."""
+    return min(max(limit * SORT_WALK_ROWS_PER_MATCH, SORT_WALK_MIN_ROWS), SORT_WALK_MAX_ROWS)
+
+
 def _sort_walk_key(
     criteria: dict[str, list[Criterion]], sort: Sequence[SortKey], scope: SearchScope
 ) -> Hashable | None:
@@ -1138,7 +1167,7 @@ def _walk_sort_dates(
     last, by type and id); backwards, the reverse.
     """
     directions = [key.descending != backwards]
-    budget = min(max(limit * SORT_WALK_ROWS_PER_MATCH, SORT_WALK_MIN_ROWS), SORT_WALK_MAX_ROWS)
+    budget = _walk_budget(limit)
     in_undated = after is not None and after[0] is None
     found: list[PageRow] = []
 
