@@ -98,11 +98,14 @@ DATE_WALK_DECISION_SECONDS = 300.0
 _walk_decisions: dict[Hashable, tuple[bool, float]] = {}
 # A search sorted by a date it does not filter on walks that date's index too,
 # but nothing bounds the walk: a caller who may see few of the rows would read
-# them all. It reads this many rows per page asked for (within the bounds), and
-# a page it could not fill that way is found by the planner's plan instead.
+# them all. It reads this many rows per page asked for (within the bounds), a
+# few times over, and a page it could not fill that way is found by the
+# planner's plan instead.
 SORT_WALK_ROWS_PER_MATCH = 100
 SORT_WALK_MIN_ROWS = 2_000
 SORT_WALK_MAX_ROWS = 50_000
+# Budgets read, one after another, before a page is left to the planner.
+SORT_WALK_BUDGETS = 4
 # Searches whose walk ran out of budget, with when: their next pages (and the
 # same search by the same caller) go to the planner at once for a while, so a
 # caller who sees few of the rows does not pay for a failed walk on every page.
@@ -1171,25 +1174,31 @@ def _walk_sort_dates(
     in_undated = after is not None and after[0] is None
     found: list[PageRow] = []
 
-    def walk(position: Sequence[Any] | None, size: int) -> list[PageRow]:
-        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget)
-        return _page_rows(session, page, directions, backwards)
+    def walk(position: Sequence[Any] | None, size: int) -> list[PageRow] | None:
+        """Walk the dated rows after `position` a budget at a time, for a few budgets."""
+        walked: list[PageRow] = []
+        for _ in range(SORT_WALK_BUDGETS):
+            page = _sort_walk_page(
+                criteria, key, scope, position, backwards, size - len(walked), budget
+            )
+            walked += _page_rows(session, page, directions, backwards)
+            if len(walked) == size:
+                return walked
+            position = _walk_resume_position(session, criteria, key, position, backwards, budget)
+            if position is None:
+                return walked  # every dated row is walked
+        return None
 
     def undated(position: Sequence[Any] | None, size: int) -> list[PageRow]:
         page = _undated_page(criteria, key, scope, position, backwards, size)
         return _page_rows(session, page, directions, backwards)
 
-    def walked_all(position: Sequence[Any] | None) -> bool:
-        return _dated_rows_exhausted(session, criteria, key, position, backwards, budget)
-
     if not backwards:
         if not in_undated:
-            found = walk(after, limit)
-            if len(found) == limit:
-                return found
-            if not walked_all(after):
-                return None
-            after = None
+            dated = walk(after, limit)
+            if dated is None or len(dated) == limit:
+                return dated
+            found, after = dated, None
         return found + undated(after, limit - len(found))
     if after is None or in_undated:
         found = undated(after, limit)
@@ -1197,25 +1206,23 @@ def _walk_sort_dates(
             return found
         after = None
     dated = walk(after, limit - len(found))
-    if len(found) + len(dated) < limit and not walked_all(after):
-        return None
-    return found + dated
+    return None if dated is None else found + dated
 
 
-def _dated_rows_exhausted(
+def _walk_resume_position(
     session: Session,
     criteria: dict[str, list[Criterion]],
     key: SortKey,
     after: Sequence[Any] | None,
     backwards: bool,
     budget: int,
-) -> bool:
-    """Tell whether fewer than `budget` date rows follow `after`: the walk saw them all."""
+) -> list[Any] | None:
+    """Return the last of the `budget` date rows after `after`, or None when fewer follow."""
     (resource_type,) = criteria
     rows, _ = _sort_walk_rows(resource_type, key, after, backwards)
-    # An index-only count of at most `budget` entries.
-    counted = select(func.count()).select_from(rows.limit(budget).subquery())
-    return int(session.execute(counted).scalar_one()) < budget
+    # An index-only read of `budget` entries.
+    last = session.execute(rows.offset(budget - 1).limit(1)).first()
+    return None if last is None else list(last)
 
 
 def string_driver(

@@ -347,10 +347,14 @@ def test_a_walk_that_runs_out_of_budget_leaves_the_page_to_the_planner(
     planned = _walk_pages(client, f"/fhir/Encounter?{query}")
     monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
     monkeypatch.setattr(repository, "_walk_decisions", {})
-    # One date row per page: the walk rarely fills one, and says so.
+    # One date row per budget: the walk rarely fills a page with one.
     monkeypatch.setattr(repository, "SORT_WALK_ROWS_PER_MATCH", 0)
     monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", 1)
     monkeypatch.setattr(repository, "_sort_walks_given_up", {})
+    # A budget at a time, resuming after the last row read: the same pages.
+    assert _walk_pages(client, f"/fhir/Encounter?{query}") == planned
+    assert not repository._sort_walks_given_up
+    monkeypatch.setattr(repository, "SORT_WALK_BUDGETS", 1)
     assert _walk_pages(client, f"/fhir/Encounter?{query}") == planned
     # Remembered: the next pages of the search went to the planner at once.
     assert len(repository._sort_walks_given_up) == 1
