@@ -98,14 +98,11 @@ DATE_WALK_DECISION_SECONDS = 300.0
 _walk_decisions: dict[Hashable, tuple[bool, float]] = {}
 # A search sorted by a date it does not filter on walks that date's index too,
 # but nothing bounds the walk: a caller who may see few of the rows would read
-# them all. It reads this many rows per page asked for (within the bounds), a
-# few times over, and a page it could not fill that way is found by the
-# planner's plan instead.
-SORT_WALK_ROWS_PER_MATCH = 100
-SORT_WALK_MIN_ROWS = 2_000
-SORT_WALK_MAX_ROWS = 50_000
-# Budgets read, one after another, before a page is left to the planner.
-SORT_WALK_BUDGETS = 4
+# them all. It reads this many rows per page asked for (within the bounds), and
+# a page it could not fill that way is found by the planner's plan instead.
+SORT_WALK_ROWS_PER_MATCH = 400
+SORT_WALK_MIN_ROWS = 8_000
+SORT_WALK_MAX_ROWS = 200_000
 # Searches whose walk ran out of budget, with when: their next pages (and the
 # same search by the same caller) go to the planner at once for a while, so a
 # caller who sees few of the rows does not pay for a failed walk on every page.
@@ -773,12 +770,17 @@ def page_statement(
 
 
 def _page_with_resources(
-    page: Subquery, directions: Sequence[bool], backwards: bool
+    page: Subquery, directions: Sequence[bool], backwards: bool, *, flagged: bool = False
 ) -> Select[Any]:
-    """Join a page of (sort values..., type, id) to the stored resources, in page order."""
+    """Join a page of (sort values..., type, id) to the stored resources, in page order.
+
+    A flagged page's `beyond` column comes last, and its rows so marked stay
+    whether or not their resource is stored.
+    """
     stored = STORED
     final_order = _keyed(page, directions, backwards)
-    return (
+    on = and_(stored.c.resource_type == page.c.resource_type, stored.c.id == page.c.id)
+    statement = (
         select(
             *(page.c[f"s{n}"] for n in range(len(directions))),
             page.c.resource_type,
@@ -786,15 +788,16 @@ def _page_with_resources(
             sql_cast(stored.c.resource, Text),
             stored.c.refs,
         )
-        .join_from(
-            page,
-            stored,
-            and_(stored.c.resource_type == page.c.resource_type, stored.c.id == page.c.id),
-        )
+        .join_from(page, stored, on, isouter=flagged)
         .order_by(
             *(_in_order(c, d, never_null=False, nulls_first=backwards) for c, d in final_order)
         )
     )
+    if flagged:
+        statement = statement.add_columns(page.c.beyond).where(
+            or_(page.c.beyond, stored.c.id.is_not(None))
+        )
+    return statement
 
 
 def date_walk(
@@ -1041,11 +1044,19 @@ def _sort_walk_page(
     limit: int,
     budget: int,
 ) -> Subquery:
-    """Return a page of (s0, type, id) from the first `budget` date rows after `after`."""
+    """Return a page of (s0, type, id, beyond) from the first `budget` date rows after `after`.
+
+    The row after the budget comes too, flagged `beyond`, when the page is not
+    full without it: it tells, in the same statement (the same snapshot), that
+    the budget ran out before the dated rows did.
+    """
     resource = MATCHED
     (resource_type,) = criteria
-    rows_select, _ = _sort_walk_rows(resource_type, key, after, backwards)
-    rows = rows_select.limit(budget).subquery("rows")
+    rows_select, keyed = _sort_walk_rows(resource_type, key, after, backwards)
+    # row_number over the index's own order streams: the scan still stops at a full page.
+    number = func.row_number().over(order_by=[c.desc() if d else c.asc() for c, d in keyed])
+    rows = rows_select.add_columns(number.label("n")).limit(budget + 1).subquery("rows")
+    beyond = rows.c.n > budget
     check = (
         select(literal(1).label("ok"))
         .select_from(resource)
@@ -1059,8 +1070,9 @@ def _sort_walk_page(
     )
     descending = key.descending != backwards
     return (
-        select(rows.c.s0, rows.c.resource_type, rows.c.id)
-        .select_from(rows.join(check, true()))
+        select(rows.c.s0, rows.c.resource_type, rows.c.id, beyond.label("beyond"))
+        .select_from(rows.outerjoin(check, true()))
+        .where(or_(beyond, check.c.ok.is_not(None)))
         .order_by(*(c.desc() if d else c.asc() for c, d in _keyed(rows, [descending], backwards)))
         .limit(limit)
         .subquery("page")
@@ -1074,8 +1086,13 @@ def _undated_page(
     after: Sequence[Any] | None,
     backwards: bool,
     limit: int,
+    walked: Sequence[tuple[str, str]] = (),
 ) -> Subquery:
-    """Return a page of (NULL, type, id): matches without the sort date, in (type, id) order."""
+    """Return a page of (NULL, type, id): matches without the sort date, in (type, id) order.
+
+    `walked` are the page's resources the dated walk found, left out here: one
+    that lost its date since that walk's statement is not listed twice.
+    """
     resource = MATCHED
     dated = exists(
         select(literal(1))
@@ -1086,13 +1103,15 @@ def _undated_page(
             DATES.c.param == key.code,
         )
     )
+    position = tuple_(resource.c.resource_type, resource.c.id)
     page = select(
         sql_cast(null(), DateTime(timezone=True)).label("s0"),
         resource.c.resource_type,
         resource.c.id,
     ).where(match_condition(resource, criteria, scope), not_(dated))
+    if walked:
+        page = page.where(position.not_in([tuple_(literal(t), literal(i)) for t, i in walked]))
     if after is not None:
-        position = tuple_(resource.c.resource_type, resource.c.id)
         boundary = tuple_(literal(after[-2]), literal(after[-1]))
         page = page.where(position < boundary if backwards else position > boundary)
     order = (resource.c.resource_type, resource.c.id)
@@ -1104,12 +1123,24 @@ PageRow = tuple[list[Any], str, str, str, list[str]]
 
 
 def _page_rows(
-    session: Session, page: Subquery, directions: Sequence[bool], backwards: bool
-) -> list[PageRow]:
-    """Run a page query of one sort key and return its rows with their resources."""
-    statement = _page_with_resources(page, directions, backwards)
+    session: Session,
+    page: Subquery,
+    directions: Sequence[bool],
+    backwards: bool,
+    *,
+    flagged: bool = False,
+) -> list[tuple[PageRow, bool]]:
+    """Run a page query of one sort key: its rows with their resources, and each row's flag.
+
+    A flagged page carries a `beyond` column: its rows so marked are kept even
+    without a stored resource, for what they tell rather than what they hold.
+    """
+    statement = _page_with_resources(page, directions, backwards, flagged=flagged)
     return [
-        ([row[0]], str(row[1]), str(row[2]), str(row[3]), list(row[4] or ()))
+        (
+            ([row[0]], str(row[1]), str(row[2]), str(row[3]), list(row[4] or ())),
+            bool(flagged and row[5]),
+        )
         for row in session.execute(statement)
     ]
 
@@ -1126,7 +1157,7 @@ def first_page_statement(
     """Return the statement of a search's first page as `list_page` first runs it (for EXPLAIN)."""
     if walk_sort_dates:
         page = _sort_walk_page(criteria, sort[0], scope, None, False, limit, _walk_budget(limit))
-        return _page_with_resources(page, [sort[0].descending], False)
+        return _page_with_resources(page, [sort[0].descending], False, flagged=True)
     return page_statement(
         criteria=criteria,
         sort=sort,
@@ -1175,23 +1206,18 @@ def _walk_sort_dates(
     found: list[PageRow] = []
 
     def walk(position: Sequence[Any] | None, size: int) -> list[PageRow] | None:
-        """Walk the dated rows after `position` a budget at a time, for a few budgets."""
-        walked: list[PageRow] = []
-        for _ in range(SORT_WALK_BUDGETS):
-            page = _sort_walk_page(
-                criteria, key, scope, position, backwards, size - len(walked), budget
-            )
-            walked += _page_rows(session, page, directions, backwards)
-            if len(walked) == size:
-                return walked
-            position = _walk_resume_position(session, criteria, key, position, backwards, budget)
-            if position is None:
-                return walked  # every dated row is walked
-        return None
+        """Walk a budget of dated rows after `position`: None if it ended short of them."""
+        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget)
+        rows = _page_rows(session, page, directions, backwards, flagged=True)
+        walked = [row for row, beyond in rows if not beyond]
+        if len(walked) < size and any(beyond for _, beyond in rows):
+            return None
+        return walked
 
     def undated(position: Sequence[Any] | None, size: int) -> list[PageRow]:
-        page = _undated_page(criteria, key, scope, position, backwards, size)
-        return _page_rows(session, page, directions, backwards)
+        seen = [(row[1], row[2]) for row in found]
+        page = _undated_page(criteria, key, scope, position, backwards, size, seen)
+        return [row for row, _ in _page_rows(session, page, directions, backwards)]
 
     if not backwards:
         if not in_undated:
@@ -1206,23 +1232,11 @@ def _walk_sort_dates(
             return found
         after = None
     dated = walk(after, limit - len(found))
-    return None if dated is None else found + dated
-
-
-def _walk_resume_position(
-    session: Session,
-    criteria: dict[str, list[Criterion]],
-    key: SortKey,
-    after: Sequence[Any] | None,
-    backwards: bool,
-    budget: int,
-) -> list[Any] | None:
-    """Return the last of the `budget` date rows after `after`, or None when fewer follow."""
-    (resource_type,) = criteria
-    rows, _ = _sort_walk_rows(resource_type, key, after, backwards)
-    # An index-only read of `budget` entries.
-    last = session.execute(rows.offset(budget - 1).limit(1)).first()
-    return None if last is None else list(last)
+    if dated is None:
+        return None
+    # A resource that gained its date since the undated statement is listed once.
+    listed = {(row[1], row[2]) for row in found}
+    return found + [row for row in dated if (row[1], row[2]) not in listed]
 
 
 def string_driver(

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import ColumnElement, FromClause, and_, not_
+from sqlalchemy import ColumnElement, FromClause, and_, delete, func, not_, select
 from sqlalchemy.orm import Session
 
 from fhir_api.search import SearchScope, repository, search
@@ -336,6 +336,16 @@ def test_a_date_sort_without_its_window_walks_the_dates_then_the_undated(
     assert runs and all(runs)
 
 
+def _encounter_date_rows(session: Session) -> int:
+    """Count the Encounter date rows the walk reads: every stored encounter's, not just ours."""
+    count = session.execute(
+        select(func.count())
+        .select_from(repository.DATES)
+        .where(repository.DATES.c.resource_type == "Encounter", repository.DATES.c.param == "date")
+    ).scalar_one()
+    return int(count)
+
+
 def test_a_walk_that_runs_out_of_budget_leaves_the_page_to_the_planner(
     client: TestClient,
     session: Session,
@@ -343,20 +353,21 @@ def test_a_walk_that_runs_out_of_budget_leaves_the_page_to_the_planner(
     undated: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    query = f"subject={visits['subject']}&_sort=-date&_count=3"
+    # A page larger than the visits: the walk must read every date row to fill it.
+    query = f"subject={visits['subject']}&_sort=-date&_count=50"
     planned = _walk_pages(client, f"/fhir/Encounter?{query}")
     monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
     monkeypatch.setattr(repository, "_walk_decisions", {})
-    # One date row per budget: the walk rarely fills a page with one.
     monkeypatch.setattr(repository, "SORT_WALK_ROWS_PER_MATCH", 0)
-    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", 1)
     monkeypatch.setattr(repository, "_sort_walks_given_up", {})
-    # A budget at a time, resuming after the last row read: the same pages.
+    rows = _encounter_date_rows(session)
+    # A budget of exactly the date rows there are: walked to the end, then the undated.
+    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", rows)
     assert _walk_pages(client, f"/fhir/Encounter?{query}") == planned
     assert not repository._sort_walks_given_up
-    monkeypatch.setattr(repository, "SORT_WALK_BUDGETS", 1)
+    # One row short: the planner serves the page, and the search is remembered.
+    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", rows - 1)
     assert _walk_pages(client, f"/fhir/Encounter?{query}") == planned
-    # Remembered: the next pages of the search went to the planner at once.
     assert len(repository._sort_walks_given_up) == 1
     parsed = parse_search(["Encounter"], [("_sort", "-date")], base_url=BASE)
     gave_up = repository._walk_sort_dates(
@@ -365,10 +376,48 @@ def test_a_walk_that_runs_out_of_budget_leaves_the_page_to_the_planner(
         key=parsed.sort[0],
         after=None,
         backwards=False,
-        limit=3,
+        limit=rows + 1,
         scope=SearchScope(),
     )
     assert gave_up is None
+
+
+def test_a_resource_that_loses_its_date_during_a_walk_is_listed_once(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    undated: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dated rows and the undated ones are two statements: a write can land between."""
+    monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
+    monkeypatch.setattr(repository, "_walk_decisions", {})
+    subject = visits["subject"]
+    early = visits["made"]["early"]
+    undated_page = repository._undated_page
+
+    def after_a_write(*args: Any, **kwargs: Any) -> Any:
+        # As a concurrent update committing would: `early` loses its period's row.
+        session.execute(
+            delete(repository.DATES).where(
+                repository.DATES.c.resource_type == "Encounter",
+                repository.DATES.c.resource_id == early,
+                repository.DATES.c.param == "date",
+            )
+        )
+        return undated_page(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "_undated_page", after_a_write)
+    bundle = search(
+        session,
+        resource_type="Encounter",
+        pairs=[("subject", subject), ("_sort", "-date"), ("_count", "100")],
+        base_url=BASE,
+        scope=SearchScope(),
+    )
+    matched = _page_ids(orjson.loads(orjson.dumps(bundle)))
+    assert matched.count(early) == 1
+    assert matched[-2:] == undated
 
 
 def test_a_date_sort_walk_keeps_to_the_callers_scope(
