@@ -361,3 +361,13 @@ def test_purge_task_is_scheduled_and_runs(session: Session) -> None:
 
     assert celery_app.conf.beat_schedule["purge-outbox"]["task"] == PURGE_TASK
     assert purge_outbox.apply().get() == 0
+
+
+def test_the_due_events_query_names_pending_in_its_sql(session: Session) -> None:
+    """A generic plan for `status = $1` cannot use the partial index of pending events."""
+    statement = outbox.due_events(10)
+    compiled = statement.compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True}
+    )
+    assert "outbox_event.status = 'pending'" in str(compiled)
+    assert "pending" not in compiled.params.values()
