@@ -47,9 +47,11 @@ class OutboxEventRow(Base):
 
     __tablename__ = "outbox_event"
     __table_args__ = (
+        # On id: the drain takes the oldest pending events first, and the index
+        # then hands them out in that order without touching delivered ones.
         Index(
             "ix_outbox_event_pending",
-            "available_at",
+            "id",
             postgresql_where=text("status = 'pending'"),
         ),
     )
@@ -170,8 +172,8 @@ def due_events(batch_size: int) -> Select[OutboxEventRow]:
     """Select up to `batch_size` pending events that are due, oldest first, locked."""
     # 'pending' is written into the SQL, not bound: psycopg prepares a statement
     # it runs often, and PostgreSQL's generic plan for `status = $1` cannot use
-    # the partial index on pending events; it walked every delivered event in
-    # id order instead (240 ms a poll with a million of them).
+    # the partial index of pending events. Without it, the poll walks every
+    # delivered event in id order (200 ms with a million of them).
     pending = literal(PENDING, literal_execute=True)
     return (
         select(OutboxEventRow)
