@@ -31,6 +31,7 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    literal_column,
     not_,
     null,
     or_,
@@ -117,7 +118,11 @@ HAS_SOURCE = RESOURCE.alias("has_source")
 # rows for one patient's observations since a date).
 ROW_START = func.least(DATES.c.low, DATES.c.high)
 ROW_END = func.greatest(DATES.c.low, DATES.c.high)
-DATE_RANGE = func.tstzrange(ROW_START, ROW_END, "[]")
+# Closed bounds, written into the SQL: bound as a parameter, the expression no
+# longer matches the range index's own, and a generic plan (the one psycopg's
+# prepared statements come to) reads every row of the parameter instead.
+CLOSED: ColumnElement[str] = literal_column("'[]'")
+DATE_RANGE = func.tstzrange(ROW_START, ROW_END, CLOSED)
 SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
 ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
 
@@ -596,7 +601,7 @@ def _window_hint(
     """Return the range-overlap test the bounds imply (for the range index), if any."""
     if floor is None and ceiling is None:
         return []
-    window = func.tstzrange(floor, ceiling, "[]")
+    window = func.tstzrange(floor, ceiling, CLOSED)
     return [row_range.bool_op("&&")(window)]
 
 
@@ -925,7 +930,7 @@ def _date_walk_page(
         edge_range = func.tstzrange(
             func.least(EDGE_DATE.c.low, EDGE_DATE.c.high),
             func.greatest(EDGE_DATE.c.low, EDGE_DATE.c.high),
-            "[]",
+            CLOSED,
         )
         # Only the range test inside, so that even a generic plan, blind to the
         # instants, takes the range index: `high >= edge` on the btree would read
@@ -935,7 +940,7 @@ def _date_walk_page(
             .where(
                 EDGE_DATE.c.resource_type == resource_type,
                 EDGE_DATE.c.param == key.code,
-                edge_range.bool_op("&&")(func.tstzrange(edge, edge, "[]")),
+                edge_range.bool_op("&&")(func.tstzrange(edge, edge, CLOSED)),
             )
             .offset(0)
             .subquery("across_edge")
