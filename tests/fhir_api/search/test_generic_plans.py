@@ -21,8 +21,8 @@ from fhir_api.search.parser import parse_search
 BASE = "http://127.0.0.1:8000/fhir"
 
 
-def _generic_plan(session: Session, query: str) -> str:
-    """Return EXPLAIN of a search's first-page template under a generic plan."""
+def _plan(session: Session, query: str, mode: str = "force_generic_plan") -> str:
+    """Return EXPLAIN of a search's first-page template, planned generically by default."""
     resource_type, _, raw = query.partition("?")
     parsed = parse_search([resource_type], parse_qsl(raw), base_url=BASE)
     scope = repository.UNRESTRICTED
@@ -50,7 +50,7 @@ def _generic_plan(session: Session, query: str) -> str:
     driver = session.connection().connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     cursor = psycopg.ClientCursor(driver)
-    cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+    cursor.execute(f"SET LOCAL plan_cache_mode = {mode}")
     # Any index over a scan of the table: the question is which conditions it takes.
     cursor.execute("SET LOCAL enable_seqscan = off")
     cursor.execute(f"PREPARE generic_page AS {sql}")
@@ -62,26 +62,36 @@ def _generic_plan(session: Session, query: str) -> str:
         cursor.execute("DEALLOCATE generic_page")
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        # A date window: its overlap test is the range index's condition.
-        "Observation?date=ge2031-03-01&date=lt2031-04-01",
-        # A date sort over its window walks the periods across the window's edge
-        # by the range index.
-        "Encounter?service-provider=Organization/x&date=ge2031-03-01&date=lt2031-03-08&_sort=-date",
-    ],
-)
-def test_a_generic_plan_takes_the_date_range_index_with_its_overlap_test(
-    session: Session, query: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The walk, whatever the test database's few encounters would decide.
+def _range_conditions(plan: str) -> list[str]:
+    return [line for line in plan.splitlines() if "Index Cond" in line and "tstzrange" in line]
+
+
+@pytest.fixture
+def walks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sorted date windows walk, whatever the test database's few rows would decide."""
     monkeypatch.setattr(repository, "DATE_WALK_MIN_KEYED_MATCHES", 0)
     monkeypatch.setattr(repository, "_walk_decisions", {})
-    plan = _generic_plan(session, query)
+
+
+SORTED_WEEK = (
+    "Encounter?service-provider=Organization/x&date=ge2031-03-01&date=lt2031-03-08&_sort=-date"
+)
+WINDOW = "Observation?subject=Patient/x&code=http://loinc.org|8480-6&date=ge2031-03-01"
+
+
+@pytest.mark.usefixtures("walks")
+def test_a_generic_plan_finds_the_periods_across_a_sorted_windows_edge_by_the_range_index(
+    session: Session,
+) -> None:
+    plan = _plan(session, SORTED_WEEK)
     assert "ix_fhir_search_date_range" in plan, plan
-    range_conditions = [
-        line for line in plan.splitlines() if "Index Cond" in line and "tstzrange" in line
-    ]
-    assert range_conditions, plan
-    assert all("&&" in line for line in range_conditions), plan
+    conditions = _range_conditions(plan)
+    assert conditions, plan
+    assert all("&&" in line for line in conditions), plan
+
+
+def test_only_a_custom_plan_filters_a_date_window_by_the_range_index(session: Session) -> None:
+    """A generic plan cannot tell an open window from a day: the keyed criteria drive it."""
+    assert not any("&&" in line for line in _range_conditions(_plan(session, WINDOW))), WINDOW
+    custom = _plan(session, WINDOW, "force_custom_plan")
+    assert any("&&" in line for line in _range_conditions(custom)), custom
