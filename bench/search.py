@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import psycopg
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, Select, create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -391,10 +392,75 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                     note += f"\n-- EXPLAIN ANALYZE exceeded {args.explain_timeout} ms: plan only"
             plan = "\n".join(str(row[0]) for row in rows)
             text = f"-- {kind}: GET /fhir/{query}\n{note}\n\n{compiled}\n\n{plan}\n"
+            template = None
+            if not sort_walk:
+                template = search_repository.first_page_template(
+                    criteria=parsed.criteria,
+                    sort=parsed.sort,
+                    limit=parsed.count + 1,
+                    scope=search_repository.UNRESTRICTED,
+                    walk_dates=walk,
+                )
+            if template is not None:
+                with engine.connect() as connection:
+                    connection.exec_driver_sql(
+                        f"SET statement_timeout = {int(args.explain_timeout)}"
+                    )
+                    try:
+                        generic = generic_plan(connection, *template, analyze=True)
+                    except psycopg.errors.QueryCanceled:
+                        connection.rollback()
+                        generic = generic_plan(connection, *template)
+                        generic += f"\n-- EXPLAIN ANALYZE exceeded {args.explain_timeout} ms"
+                text += (
+                    "\n-- The same page as the reused statement, planned generically (blind to\n"
+                    "-- the values), as PostgreSQL may come to plan a prepared statement:\n\n"
+                    f"{generic}\n"
+                )
             (folder / f"{kind}.txt").write_text(text, encoding="utf-8")
             print(f"  wrote {folder / f'{kind}.txt'}")
     finally:
         engine.dispose()
+
+
+def generic_plan(
+    connection: Connection,
+    statement: Select[Any],
+    values: dict[str, Any],
+    *,
+    analyze: bool = False,
+    custom: bool = False,
+) -> str:
+    """Return EXPLAIN of a reused statement as PostgreSQL plans it generically (or custom).
+
+    Inside the connection's transaction, which the caller ends: the plan mode
+    and the prepared statement go with it.
+    """
+    compiled = statement.compile(connection)
+    state = compiled.construct_expanded_state({**compiled.construct_params(_check=False), **values})
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", number, state.statement)
+    arguments = [state.parameters[name] for name in names]
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)  # noqa: S101 - psycopg is the driver
+    # Client-side binding: EXECUTE takes its arguments as SQL literals.
+    cursor = psycopg.ClientCursor(driver)
+    mode = "force_custom_plan" if custom else "force_generic_plan"
+    cursor.execute(f"SET LOCAL plan_cache_mode = {mode}")
+    cursor.execute(f"PREPARE waha_explained AS {sql}")
+    try:
+        slots = ", ".join(["%s"] * len(arguments))
+        options = "ANALYZE, BUFFERS" if analyze else "COSTS"
+        cursor.execute(f"EXPLAIN ({options}) EXECUTE waha_explained({slots})", arguments)
+        return "\n".join(str(row[0]) for row in cursor.fetchall())
+    finally:
+        cursor.execute("DEALLOCATE waha_explained")
 
 
 def search_checks(runs: Sequence[KindRun]) -> list[Check]:

@@ -1180,6 +1180,26 @@ def first_page_statement(
     )
 
 
+def first_page_template(
+    *,
+    criteria: dict[str, list[Criterion]],
+    sort: Sequence[SortKey],
+    limit: int,
+    scope: SearchScope,
+    walk_dates: bool,
+) -> tuple[Select[Any], dict[str, Any]] | None:
+    """Return the reused statement of a first page and its values, or None (for EXPLAIN).
+
+    Reused statements are the ones psycopg prepares and PostgreSQL may come to
+    plan generically, blind to the values.
+    """
+    shape = _page_shape(criteria, sort, None, False, limit, scope, walk_dates)
+    if shape is None:
+        return None
+    template = _page_template(shape, criteria, sort, None, False, limit, scope, walk_dates)
+    return template, {**scope.parameters, **_slot_values(criteria, sort, None)}
+
+
 def _walk_budget(limit: int) -> int:
     """Return how many date rows a date sort's walk reads for a page of `limit`."""
     return min(max(limit * SORT_WALK_ROWS_PER_MATCH, SORT_WALK_MIN_ROWS), SORT_WALK_MAX_ROWS)
