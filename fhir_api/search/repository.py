@@ -120,15 +120,13 @@ ROW_START = func.least(DATES.c.low, DATES.c.high)
 ROW_END = func.greatest(DATES.c.low, DATES.c.high)
 # Closed bounds written into the SQL: the expression is then the range index's
 # own even in a generic plan (psycopg prepares a statement it runs often, and
-# PostgreSQL may plan it once for any values). For the instant at a sorted
-# window's edge, where the index always finds few rows.
+# PostgreSQL may plan it once for any values). A window filter writes its
+# instants into the SQL too (`_window_tests`): blind to them, a generic plan
+# cannot tell `date=ge2025-06-02` (787,000 rows) from a day, and its default
+# estimate for an overlap once made it drive one patient's observations from the
+# range index (6.6 s, where the token and reference lookups take 2 ms).
 CLOSED: ColumnElement[str] = literal_column("'[]'")
-# A window filter's range binds its bounds' kind instead, on purpose: only a
-# custom plan, which sees the instants, folds it into the index's expression.
-# A generic plan cannot tell `date=ge2025-06-02` (787,000 rows) from a day and
-# would drive one patient's observations from the range index: 6.6 s, where
-# the token and reference lookups take 2 ms.
-DATE_RANGE = func.tstzrange(ROW_START, ROW_END, "[]")
+DATE_RANGE = func.tstzrange(ROW_START, ROW_END, CLOSED)
 SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
 ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
 
@@ -530,6 +528,7 @@ def _type_conditions(
             ROW_END,
             comparisons,
             slots=None if slots is None else (slots, window),
+            written=True,
         )
         hint = _window_hint(DATE_RANGE, floor, ceiling)
         conditions.append(_side(DATES, resource, param, *tests, *hint))
@@ -542,12 +541,14 @@ def _window_tests(
     comparisons: Sequence[DateComparison],
     *,
     slots: tuple[int, int] | None,
+    written: bool = False,
 ) -> tuple[list[ColumnElement[bool]], Any, Any]:
     """Return a date window's tests of one row, and the bounds of a range every match overlaps.
 
     With `slots` (type number, window number), for a reused statement, the
     instants are named parameters (`_slot_values`); which tests and bounds exist
-    depends on the prefixes, part of its shape.
+    depends on the prefixes, part of its shape. `written` puts the instants into
+    the SQL text at each execution: PostgreSQL then always plans with them.
     """
     floor: Any
     ceiling: Any
@@ -562,16 +563,28 @@ def _window_tests(
             high,
             _DateSlots(
                 c.prefix,
-                bindparam(_date_slot(type_number, window, f"{n}_low"), type_=instant),
-                bindparam(_date_slot(type_number, window, f"{n}_high"), type_=instant),
+                bindparam(
+                    _date_slot(type_number, window, f"{n}_low"),
+                    type_=instant,
+                    literal_execute=written,
+                ),
+                bindparam(
+                    _date_slot(type_number, window, f"{n}_high"),
+                    type_=instant,
+                    literal_execute=written,
+                ),
             ),
         )
         for n, c in enumerate(comparisons)
     ]
     if floor is not None:
-        floor = bindparam(_date_slot(type_number, window, "floor"), type_=instant)
+        floor = bindparam(
+            _date_slot(type_number, window, "floor"), type_=instant, literal_execute=written
+        )
     if ceiling is not None:
-        ceiling = bindparam(_date_slot(type_number, window, "ceiling"), type_=instant)
+        ceiling = bindparam(
+            _date_slot(type_number, window, "ceiling"), type_=instant, literal_execute=written
+        )
     return tests, floor, ceiling
 
 
@@ -607,7 +620,7 @@ def _window_hint(
     """Return the range-overlap test the bounds imply (for the range index), if any."""
     if floor is None and ceiling is None:
         return []
-    window = func.tstzrange(floor, ceiling, "[]")
+    window = func.tstzrange(floor, ceiling, CLOSED)
     return [row_range.bool_op("&&")(window)]
 
 
