@@ -445,7 +445,8 @@ def generic_plan(
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    sql = re.sub(r"%\((\w+)\)s", number, state.statement)
+    # psycopg's placeholders become PREPARE's; its escaped percent signs, plain ones.
+    sql = re.sub(r"%\((\w+)\)s", number, state.statement).replace("%%", "%")
     arguments = [state.parameters[name] for name in names]
     driver = connection.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)  # noqa: S101 - psycopg is the driver
