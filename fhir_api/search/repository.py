@@ -976,10 +976,14 @@ def _date_walk_page(
     conditions = [*tests]
     if after is not None:
         conditions.append(_after(keyed, after))
+    # Ordered without the type, which the walk fixes: the scans' own order,
+    # which PostgreSQL can then merge and hand out without sorting it again.
+    in_walk_order = [rows.c.s0.desc() if descending else rows.c.s0.asc()]
+    in_walk_order.append(rows.c.id.desc() if backwards else rows.c.id.asc())
     ordered = (
         select(rows.c.s0, rows.c.resource_type, rows.c.id)
         .where(*conditions)
-        .order_by(*(c.desc() if d else c.asc() for c, d in keyed))
+        .order_by(*in_walk_order)
         .subquery("ordered")
     )
     check = (
@@ -997,7 +1001,8 @@ def _date_walk_page(
         select(ordered.c.s0, ordered.c.resource_type, ordered.c.id)
         .select_from(ordered.join(check, true()))
         .order_by(
-            *(c.desc() if d else c.asc() for c, d in _keyed(ordered, [descending], backwards))
+            ordered.c.s0.desc() if descending else ordered.c.s0.asc(),
+            ordered.c.id.desc() if backwards else ordered.c.id.asc(),
         )
         .limit(limit)
     )
@@ -1067,12 +1072,14 @@ def _sort_walk_page(
     backwards: bool,
     limit: int,
     budget: int,
+    listed: Sequence[tuple[str, str]] = (),
 ) -> Subquery:
     """Return a page of (s0, type, id, beyond) from the first `budget` date rows after `after`.
 
     The row after the budget comes too, flagged `beyond`, when the page is not
     full without it: it tells, in the same statement (the same snapshot), that
-    the budget ran out before the dated rows did.
+    the budget ran out before the dated rows did. `listed` are resources the
+    page already holds, left out here so that the page still fills.
     """
     resource = MATCHED
     (resource_type,) = criteria
@@ -1081,23 +1088,33 @@ def _sort_walk_page(
     number = func.row_number().over(order_by=[c.desc() if d else c.asc() for c, d in keyed])
     rows = rows_select.add_columns(number.label("n")).limit(budget + 1).subquery("rows")
     beyond = rows.c.n > budget
+    checks = [
+        resource.c.resource_type == rows.c.resource_type,
+        resource.c.id == rows.c.id,
+        match_condition(resource, criteria, scope),
+    ]
+    if listed:
+        position = tuple_(resource.c.resource_type, resource.c.id)
+        checks.append(position.not_in([tuple_(literal(t), literal(i)) for t, i in listed]))
     check = (
         select(literal(1).label("ok"))
         .select_from(resource)
-        .where(
-            resource.c.resource_type == rows.c.resource_type,
-            resource.c.id == rows.c.id,
-            match_condition(resource, criteria, scope),
-        )
+        .where(*checks)
         .offset(0)
         .lateral("checked")
     )
+    # The rows' own order without the type, which the walk fixes: PostgreSQL
+    # then sees the scan's order and hands out rows as they pass; ordered by
+    # the type too, or by the row number, it sorted the whole budget first.
     descending = key.descending != backwards
     return (
         select(rows.c.s0, rows.c.resource_type, rows.c.id, beyond.label("beyond"))
         .select_from(rows.outerjoin(check, true()))
         .where(or_(beyond, check.c.ok.is_not(None)))
-        .order_by(*(c.desc() if d else c.asc() for c, d in _keyed(rows, [descending], backwards)))
+        .order_by(
+            rows.c.s0.desc() if descending else rows.c.s0.asc(),
+            rows.c.id.desc() if backwards else rows.c.id.asc(),
+        )
         .limit(limit)
         .subquery("page")
     )
@@ -1251,7 +1268,9 @@ def _walk_sort_dates(
 
     def walk(position: Sequence[Any] | None, size: int) -> list[PageRow] | None:
         """Walk a budget of dated rows after `position`: None if it ended short of them."""
-        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget)
+        # A resource that gained its date since the undated statement is listed once.
+        listed = [(row[1], row[2]) for row in found]
+        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget, listed)
         rows = _page_rows(session, page, directions, backwards, flagged=True)
         walked = [row for row, beyond in rows if not beyond]
         if len(walked) < size and any(beyond for _, beyond in rows):
@@ -1276,11 +1295,7 @@ def _walk_sort_dates(
             return found
         after = None
     dated = walk(after, limit - len(found))
-    if dated is None:
-        return None
-    # A resource that gained its date since the undated statement is listed once.
-    listed = {(row[1], row[2]) for row in found}
-    return found + [row for row in dated if (row[1], row[2]) not in listed]
+    return None if dated is None else found + dated
 
 
 def string_driver(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import ColumnElement, FromClause, and_, delete, func, not_, select
+from sqlalchemy import ColumnElement, FromClause, and_, delete, func, not_, select, text
 from sqlalchemy.orm import Session
 
 from fhir_api.search import SearchScope, repository, search
@@ -479,3 +480,133 @@ def test_pages_back_from_resources_without_the_sort_value_reach_the_valued_ones(
             )
             assert forward == [*dated, *sorted(unborn)], (sort, count)
             assert backward == forward, (sort, count)
+
+
+def test_a_budgets_last_row_tells_the_walk_ran_out_even_when_it_does_not_match(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The row past the budget is a sign, not a match: hidden, it must still stop the walk."""
+    subject = visits["subject"]
+    unit = f"Organization/{visits['unit_a']}"
+    hidden = create(client, visit_encounter(subject, unit, "2099-01-01T08:00:00Z", None))
+    shown = create(client, visit_encounter(subject, unit, "2099-01-02T08:00:00Z", None))
+
+    def condition(resource: FromClause) -> ColumnElement[bool]:
+        return not_(and_(resource.c.resource_type == "Encounter", resource.c.id == hidden))
+
+    monkeypatch.setattr(repository, "SORT_WALK_ROWS_PER_MATCH", 0)
+    rows = _encounter_date_rows(session)
+    parsed = parse_search(["Encounter"], [("_sort", "date")], base_url=BASE)
+
+    def walk() -> list[str] | None:
+        page = repository._walk_sort_dates(
+            session,
+            criteria=parsed.criteria,
+            key=parsed.sort[0],
+            after=None,
+            backwards=False,
+            limit=rows,
+            scope=SearchScope(condition),
+        )
+        return None if page is None else [row[2] for row in page]
+
+    # Every row read: the hidden one left out, the last one listed last.
+    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", rows)
+    walked = walk()
+    assert walked is not None
+    assert hidden not in walked
+    assert walked[-1] == shown
+    # The budget ends before the hidden row: read to tell, it gives the walk up
+    # rather than end the page there and leave out the row after it.
+    monkeypatch.setattr(repository, "SORT_WALK_MIN_ROWS", rows - 2)
+    assert walk() is None
+
+
+def test_a_resource_that_gains_its_date_during_a_walk_back_leaves_the_page_full(
+    client: TestClient,
+    session: Session,
+    visits: dict[str, Any],
+    undated: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backwards, the undated rows come first: one that gains a date is not counted twice."""
+    parsed = parse_search(
+        ["Encounter"], [("subject", visits["subject"]), ("_sort", "-date")], base_url=BASE
+    )
+    gains = undated[0]
+    walk_page = repository._sort_walk_page
+
+    def after_a_write(*args: Any, **kwargs: Any) -> Any:
+        # As a concurrent update committing would: `gains` now ends before every visit.
+        session.execute(
+            repository.DATES.insert().values(
+                resource_type="Encounter",
+                resource_id=gains,
+                param="date",
+                low=datetime(1990, 1, 1, 8, tzinfo=UTC),
+                high=datetime(1990, 1, 1, 9, tzinfo=UTC),
+            )
+        )
+        return walk_page(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "_sort_walk_page", after_a_write)
+    page = repository._walk_sort_dates(
+        session,
+        criteria=parsed.criteria,
+        key=parsed.sort[0],
+        after=None,
+        backwards=True,
+        limit=3,
+        scope=SearchScope(),
+    )
+    assert page is not None
+    ids = [row[2] for row in page]
+    assert len(ids) == 3
+    assert sorted(ids[:2]) == undated
+    assert ids[2] == visits["made"]["early"]
+
+
+def test_a_date_sort_walk_reads_no_more_rows_than_its_page_needs(
+    session: Session, visits: dict[str, Any]
+) -> None:
+    """The walk hands out rows as it checks them: a page of 2 reads a few, not its budget."""
+    # Dates of encounters that sort after every visit: a walk that sorted its
+    # budget before handing out a page would read them all.
+    session.execute(
+        repository.DATES.insert(),
+        [
+            {
+                "resource_type": "Encounter",
+                "resource_id": f"walk-filler-{n}",
+                "param": "date",
+                "low": datetime(2000, 1, 1, tzinfo=UTC) + timedelta(days=n),
+                "high": datetime(2000, 1, 1, tzinfo=UTC) + timedelta(days=n),
+            }
+            for n in range(100)
+        ],
+    )
+    parsed = parse_search(["Encounter"], [("_sort", "-date")], base_url=BASE)
+    statement = repository.first_page_statement(
+        criteria=parsed.criteria,
+        sort=parsed.sort,
+        limit=2,
+        scope=SearchScope(),
+        walk_dates=False,
+        walk_sort_dates=True,
+    )
+    compiled = statement.compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}
+    )
+    plan = session.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}")).scalar_one()
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    scans = [n for n in nodes(plan[0]["Plan"]) if n.get("Relation Name") == "fhir_search_date"]
+    assert scans
+    read = sum(n["Actual Rows"] * n["Actual Loops"] for n in scans)
+    # The visits' few dated encounters (two make the page), none of the filler.
+    assert read <= len(visits["latest_first"]) + 2
