@@ -434,7 +434,8 @@ def generic_plan(
     """Return EXPLAIN of a reused statement as PostgreSQL plans it generically (or custom).
 
     Inside the connection's transaction, which the caller ends: the plan mode
-    and the prepared statement go with it.
+    goes with it. The prepared statement, which outlives transactions, is
+    deallocated here, even when EXPLAIN fails (a timeout, say).
     """
     compiled = statement.compile(connection)
     state = compiled.construct_expanded_state({**compiled.construct_params(_check=False), **values})
@@ -458,8 +459,10 @@ def generic_plan(
     try:
         slots = ", ".join(["%s"] * len(arguments))
         options = "ANALYZE, BUFFERS" if analyze else "COSTS"
-        cursor.execute(f"EXPLAIN ({options}) EXECUTE waha_explained({slots})", arguments)
-        return "\n".join(str(row[0]) for row in cursor.fetchall())
+        # In a savepoint: a failed EXPLAIN leaves the transaction able to deallocate.
+        with driver.transaction():
+            cursor.execute(f"EXPLAIN ({options}) EXECUTE waha_explained({slots})", arguments)
+            return "\n".join(str(row[0]) for row in cursor.fetchall())
     finally:
         cursor.execute("DEALLOCATE waha_explained")
 

@@ -222,3 +222,27 @@ def test_resource_gin_indexes_keep_no_pending_list(settings: Settings, db_engine
         "ix_fhir_resource_refs": ["fastupdate=off"],
         "ix_fhir_resource_patient_ids": ["fastupdate=off"],
     }
+
+
+def test_the_pending_outbox_index_is_rebuilt_on_id_even_after_an_interrupted_build(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_outbox_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0018")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            # What a build interrupted before its swap leaves: an invalid index.
+            connection.execute(
+                text("CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (topic)")
+            )
+        engine.dispose()
+        _invalidate(url, "ix_outbox_event_pending_rebuilt")
+        command.upgrade(config, "0019")
+        definition, valid = _index_state(url, "ix_outbox_event_pending")
+        assert definition.endswith("(id) WHERE (status = 'pending'::text)"), definition
+        assert valid
+        command.downgrade(config, "0018")
+        definition, valid = _index_state(url, "ix_outbox_event_pending")
+        assert definition.endswith("(available_at) WHERE (status = 'pending'::text)"), definition
+        assert valid

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from bench.search import generic_plan
@@ -70,3 +71,15 @@ def test_a_date_windows_instants_are_written_into_its_generic_plan(session: Sess
     conditions = _range_conditions(_plan(session, WINDOW))
     assert conditions, WINDOW
     assert all("&&" in line and "2031-03-01" in line for line in conditions), conditions
+
+
+def test_an_explain_that_fails_leaves_its_connection_able_to_explain_again(
+    session: Session,
+) -> None:
+    """The bench explains many statements on one connection: a timeout must not end it."""
+    session.execute(text("SET LOCAL statement_timeout = '1ms'"))
+    slow = select(func.pg_sleep(0.05))
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        generic_plan(session.connection(), slow, {}, analyze=True)
+    session.execute(text("SET LOCAL statement_timeout = 0"))
+    assert "cost=" in _plan(session, WINDOW)
