@@ -13,6 +13,7 @@ the API builds it, to DIR/<kind>.txt.
 from __future__ import annotations
 
 import argparse
+import base64
 import math
 import random
 import re
@@ -27,11 +28,14 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
+import orjson
 import psycopg
 from sqlalchemy import Connection, Select, create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from auth.policy import access_for
+from auth.tokens import principal_from_claims
 from bench import wrk
 from bench.common import (
     FHIR_JSON,
@@ -46,6 +50,8 @@ from bench.common import (
     print_checks,
 )
 from bench.population import SID_NATIONAL_ID
+from fhir_api.reads import search_scope
+from fhir_api.search import SearchScope
 from fhir_api.search import parser as search_parser
 from fhir_api.search import repository as search_repository
 
@@ -346,9 +352,26 @@ def _statistics_note(connection: Connection) -> str:
     )
 
 
+def caller_scope(args: argparse.Namespace) -> SearchScope:
+    """Return the search scope of the caller the run acts as (`--as` or `--token`)."""
+    auth = credentials(args)
+    token = auth.token() if isinstance(auth, IssuerToken) else auth
+    # Read, not verified: the claims only choose whose plans EXPLAIN shows;
+    # the API checks the signature of every request the run makes.
+    payload = token.split(".")[1]
+    claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return search_scope(access_for(principal_from_claims(claims)))
+
+
 def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
-    """Write EXPLAIN (ANALYZE, BUFFERS) of each kind's page query, as the API builds it."""
+    """Write EXPLAIN (ANALYZE, BUFFERS) of each kind's page query, as the API builds it.
+
+    With the caller's scope in the SQL, as the API runs it for that caller: a
+    unit's plans check each row against its care relationships.
+    """
     folder = Path(args.explain)
+    scope = caller_scope(args)
+    caller = "a fixed token" if args.token else args.as_
     folder.mkdir(parents=True, exist_ok=True)
     url = args.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     # The API's engine runs with JIT off (hub.db.make_engine); the plans must match.
@@ -370,7 +393,7 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                 criteria=parsed.criteria,
                 sort=parsed.sort,
                 limit=parsed.count + 1,
-                scope=search_repository.UNRESTRICTED,
+                scope=scope,
                 walk_dates=walk,
                 walk_sort_dates=sort_walk,
             )
@@ -391,14 +414,14 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                     rows = connection.exec_driver_sql(sql, params).fetchall()
                     note += f"\n-- EXPLAIN ANALYZE exceeded {args.explain_timeout} ms: plan only"
             plan = "\n".join(str(row[0]) for row in rows)
-            text = f"-- {kind}: GET /fhir/{query}\n{note}\n\n{compiled}\n\n{plan}\n"
+            text = f"-- {kind}: GET /fhir/{query} as {caller}\n{note}\n\n{compiled}\n\n{plan}\n"
             template = None
             if not sort_walk:
                 template = search_repository.first_page_template(
                     criteria=parsed.criteria,
                     sort=parsed.sort,
                     limit=parsed.count + 1,
-                    scope=search_repository.UNRESTRICTED,
+                    scope=scope,
                     walk_dates=walk,
                 )
             if template is not None:
