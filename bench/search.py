@@ -487,7 +487,13 @@ def generic_plan(
             cursor.execute(f"EXPLAIN ({options}) EXECUTE waha_explained({slots})", arguments)
             return "\n".join(str(row[0]) for row in cursor.fetchall())
     finally:
-        cursor.execute("DEALLOCATE waha_explained")
+        # Rolling the savepoint back may have deallocated every prepared
+        # statement of the connection (psycopg's DEALLOCATE ALL of its own cache).
+        prepared = cursor.execute(
+            "SELECT 1 FROM pg_prepared_statements WHERE name = 'waha_explained'"
+        ).fetchone()
+        if prepared:
+            cursor.execute("DEALLOCATE waha_explained")
 
 
 def search_checks(runs: Sequence[KindRun]) -> list[Check]:

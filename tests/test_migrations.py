@@ -246,3 +246,18 @@ def test_the_pending_outbox_index_is_rebuilt_on_id_even_after_an_interrupted_bui
         definition, valid = _index_state(url, "ix_outbox_event_pending")
         assert definition.endswith("(available_at) WHERE (status = 'pending'::text)"), definition
         assert valid
+        # A valid leftover of another shape (a downgrade that failed after its
+        # build) is not taken for the new index.
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (available_at)"
+                    " WHERE status = 'pending'"
+                )
+            )
+        engine.dispose()
+        command.upgrade(config, "0019")
+        definition, valid = _index_state(url, "ix_outbox_event_pending")
+        assert definition.endswith("(id) WHERE (status = 'pending'::text)"), definition
+        assert valid

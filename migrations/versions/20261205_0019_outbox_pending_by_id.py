@@ -41,15 +41,21 @@ def _replace(columns: list[str]) -> None:
     after a failure at any step.
     """
     with op.get_context().autocommit_block():
-        invalid = (
+        old_in_place, leftover = (
             op.get_bind()
             .execute(
-                sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:i)"),
-                {"i": BUILDING},
+                sa.text(
+                    "SELECT to_regclass(:index) IS NOT NULL,"
+                    " (SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:built))"
+                ),
+                {"index": INDEX, "built": BUILDING},
             )
-            .scalar()
+            .one()
         )
-        if invalid:
+        # While the old index stands, a leftover under the new name is of an
+        # earlier attempt, perhaps half built or on other columns: built again.
+        # Once the old one is gone, it is this swap's, waiting for its name.
+        if leftover is not None and (old_in_place or leftover):
             op.drop_index(BUILDING, table_name=TABLE, postgresql_concurrently=True)
         op.create_index(
             BUILDING,
