@@ -59,6 +59,14 @@ def test_downgrade_to_base_and_upgrade_again(
         command.check(config)
 
 
+def _run_sql(url: str, sql: str) -> None:
+    """Run one statement in its own transaction on the database at `url`."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(sql))
+    engine.dispose()
+
+
 def _invalidate(url: str, index: str) -> None:
     """Mark `index` as an interrupted CREATE INDEX CONCURRENTLY leaves it: invalid."""
     # Writing pg_index takes a superuser, as the admin URL is.
@@ -92,12 +100,7 @@ def test_a_half_built_string_walk_index_is_rebuilt(
     with _scratch_database(settings, f"waha_strings_{run_id}_{worker_id}") as url:
         config = alembic_config(url)
         command.upgrade(config, "0013")
-        engine = create_engine(url)
-        with engine.begin() as connection:
-            connection.execute(
-                text("CREATE INDEX ix_fhir_search_string_walk ON fhir_search_string (param)")
-            )
-        engine.dispose()
+        _run_sql(url, "CREATE INDEX ix_fhir_search_string_walk ON fhir_search_string (param)")
         _invalidate(url, "ix_fhir_search_string_walk")
         command.upgrade(config, "0014")
         definition, valid = _index_state(url, "ix_fhir_search_string_walk")
@@ -230,13 +233,8 @@ def test_the_pending_outbox_index_is_rebuilt_on_id_even_after_an_interrupted_bui
     with _scratch_database(settings, f"waha_outbox_{run_id}_{worker_id}") as url:
         config = alembic_config(url)
         command.upgrade(config, "0018")
-        engine = create_engine(url)
-        with engine.begin() as connection:
-            # What a build interrupted before its swap leaves: an invalid index.
-            connection.execute(
-                text("CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (topic)")
-            )
-        engine.dispose()
+        # What a build interrupted before its swap leaves: an invalid index.
+        _run_sql(url, "CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (topic)")
         _invalidate(url, "ix_outbox_event_pending_rebuilt")
         command.upgrade(config, "0019")
         definition, valid = _index_state(url, "ix_outbox_event_pending")
@@ -248,15 +246,11 @@ def test_the_pending_outbox_index_is_rebuilt_on_id_even_after_an_interrupted_bui
         assert valid
         # A valid leftover of another shape (a downgrade that failed after its
         # build) is not taken for the new index.
-        engine = create_engine(url)
-        with engine.begin() as connection:
-            connection.execute(
-                text(
-                    "CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (available_at)"
-                    " WHERE status = 'pending'"
-                )
-            )
-        engine.dispose()
+        _run_sql(
+            url,
+            "CREATE INDEX ix_outbox_event_pending_rebuilt ON outbox_event (available_at)"
+            " WHERE status = 'pending'",
+        )
         command.upgrade(config, "0019")
         definition, valid = _index_state(url, "ix_outbox_event_pending")
         assert definition.endswith("(id) WHERE (status = 'pending'::text)"), definition

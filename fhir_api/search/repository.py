@@ -976,14 +976,10 @@ def _date_walk_page(
     conditions = [*tests]
     if after is not None:
         conditions.append(_after(keyed, after))
-    # Ordered without the type, which the walk fixes: the scans' own order,
-    # which PostgreSQL can then merge and hand out without sorting it again.
-    in_walk_order = [rows.c.s0.desc() if descending else rows.c.s0.asc()]
-    in_walk_order.append(rows.c.id.desc() if backwards else rows.c.id.asc())
     ordered = (
         select(rows.c.s0, rows.c.resource_type, rows.c.id)
         .where(*conditions)
-        .order_by(*in_walk_order)
+        .order_by(*_in_walk_order(rows, descending, backwards))
         .subquery("ordered")
     )
     check = (
@@ -1000,10 +996,7 @@ def _date_walk_page(
     walk = (
         select(ordered.c.s0, ordered.c.resource_type, ordered.c.id)
         .select_from(ordered.join(check, true()))
-        .order_by(
-            ordered.c.s0.desc() if descending else ordered.c.s0.asc(),
-            ordered.c.id.desc() if backwards else ordered.c.id.asc(),
-        )
+        .order_by(*_in_walk_order(ordered, descending, backwards))
         .limit(limit)
     )
     return walk.subquery("page")
@@ -1036,6 +1029,18 @@ def walks_sort_dates(
     if resource_type is None:
         return False
     return _keyed_criteria_are_broad(session, resource_type, criteria[resource_type])
+
+
+def _in_walk_order(page: FromClause, descending: bool, backwards: bool) -> list[Any]:
+    """Order a walk's rows by its date, then id: the scans' own order.
+
+    Not by the type, which a walk fixes: asked for it too, PostgreSQL does not
+    see the scans' order and sorts every row read before handing out a page.
+    """
+    return [
+        page.c.s0.desc() if descending else page.c.s0.asc(),
+        page.c.id.desc() if backwards else page.c.id.asc(),
+    ]
 
 
 def _sort_walk_rows(
@@ -1103,18 +1108,12 @@ def _sort_walk_page(
         .offset(0)
         .lateral("checked")
     )
-    # The rows' own order without the type, which the walk fixes: PostgreSQL
-    # then sees the scan's order and hands out rows as they pass; ordered by
-    # the type too, or by the row number, it sorted the whole budget first.
     descending = key.descending != backwards
     return (
         select(rows.c.s0, rows.c.resource_type, rows.c.id, beyond.label("beyond"))
         .select_from(rows.outerjoin(check, true()))
         .where(or_(beyond, check.c.ok.is_not(None)))
-        .order_by(
-            rows.c.s0.desc() if descending else rows.c.s0.asc(),
-            rows.c.id.desc() if backwards else rows.c.id.asc(),
-        )
+        .order_by(*_in_walk_order(rows, descending, backwards))
         .limit(limit)
         .subquery("page")
     )

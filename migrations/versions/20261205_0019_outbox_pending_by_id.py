@@ -41,7 +41,7 @@ def _replace(columns: list[str]) -> None:
     after a failure at any step.
     """
     with op.get_context().autocommit_block():
-        old_in_place, leftover = (
+        old_in_place, built_invalid = (
             op.get_bind()
             .execute(
                 sa.text(
@@ -52,10 +52,11 @@ def _replace(columns: list[str]) -> None:
             )
             .one()
         )
-        # While the old index stands, a leftover under the new name is of an
-        # earlier attempt, perhaps half built or on other columns: built again.
-        # Once the old one is gone, it is this swap's, waiting for its name.
-        if leftover is not None and (old_in_place or leftover):
+        # While the old index stands, one under the new name (built_invalid not
+        # None) is an earlier attempt's, perhaps half built or on other
+        # columns: built again. Once the old one is gone, it is this swap's,
+        # waiting for its name.
+        if built_invalid is not None and (old_in_place or built_invalid):
             op.drop_index(BUILDING, table_name=TABLE, postgresql_concurrently=True)
         op.create_index(
             BUILDING,
