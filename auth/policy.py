@@ -16,13 +16,16 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     FromClause,
+    Integer,
     Table,
     Text,
+    and_,
     any_,
     bindparam,
     exists,
     false,
     func,
+    literal_column,
     or_,
     select,
 )
@@ -36,6 +39,8 @@ CARE = cast(Table, CareRelationshipRow.__table__).alias("care")
 # Names of the row condition's parameters (see `Access.row_condition`).
 SCOPE_GRANTEES = "scope_grantees"
 SCOPE_TYPES = "scope_types"
+# How many of a caller's patients a search tests as a hash (see `patient_condition`).
+HASHED_PATIENTS = 50_000
 
 READ_INTERACTIONS = frozenset({"read", "vread", "history", "search", "everything"})
 WRITE_INTERACTIONS = frozenset({"create", "update", "delete"})
@@ -191,6 +196,30 @@ class Access:
         if not conditions:
             return None
         return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
+
+    def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
+        """Return the SQL condition for patients whose records this caller may see (None: all).
+
+        A record with patients is visible when one of them passes, so a search
+        can test a patient id carried by an index row before fetching the
+        resource (`row_condition` stays the rule). Same parameters as `row_condition`.
+        """
+        if self.unrestricted:
+            return None
+        if not self.grantees:
+            return false()
+        grantees = bindparam(SCOPE_GRANTEES, list(self.grantees), type_=ARRAY(Text))
+        patients = select(CARE.c.patient_id).where(CARE.c.grantee == any_(grantees))
+        # Tested for thousands of rows per search: against a hash of the
+        # caller's patients, built once, rather than an index probe per row
+        # (15 ms against 6 for a unit's week of encounters). PostgreSQL hashes
+        # a set only if it expects it to fit in memory, and otherwise scans it
+        # for every row; capped, the set always fits, and a caller with more
+        # patients than the cap has the rest found by the probe.
+        cap = literal_column(str(HASHED_PATIENTS), Integer)
+        more_than_hashed = exists(patients.offset(cap))
+        probe = exists(patients.where(CARE.c.patient_id == patient_id).correlate_except(CARE))
+        return or_(patient_id.in_(patients.limit(cap)), and_(more_than_hashed, probe))
 
     @property
     def scope_key(self) -> Hashable:

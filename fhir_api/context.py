@@ -35,6 +35,9 @@ class AccessControl(Protocol):
     def scope_parameters(self) -> dict[str, Any]:
         """Return the values of the row condition's named parameters."""
 
+    def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
+        """Return the SQL condition for patients whose records the caller may see (None: all)."""
+
 
 class _Unrestricted:
     """The access of Waha's own jobs and of tests that do not test access."""
@@ -54,6 +57,11 @@ class _Unrestricted:
     def scope_parameters(self) -> dict[str, Any]:
         """Need no parameters."""
         return {}
+
+    def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
+        """See every patient's records."""
+        del patient_id
+        return None
 
 
 UNRESTRICTED_ACCESS: AccessControl = _Unrestricted()

@@ -67,6 +67,14 @@ class ResourceRow(Base):
             postgresql_with=GIN_STORAGE,
         ),
         Index("ix_fhir_resource_type_updated", "resource_type", "last_updated"),
+        # The few resources with several patients: an index row names only the
+        # first, so a restricted search asks this index whether there are others.
+        Index(
+            "ix_fhir_resource_several_patients",
+            "resource_type",
+            "id",
+            postgresql_where=text("cardinality(patient_ids) > 1"),
+        ),
     )
 
     resource_type: Mapped[str] = mapped_column(Text)

@@ -55,8 +55,17 @@ def search_scope(access: AccessControl) -> search_service.SearchScope:
         assert visible is not None  # noqa: S101 - the caller's rights do not change mid-request
         return visible
 
+    def patient_condition(patient_id: ColumnElement[str]) -> ColumnElement[bool]:
+        caller_patients = access.patient_condition(patient_id)
+        assert caller_patients is not None  # noqa: S101 - a restricted caller's patients are
+        return caller_patients
+
     return search_service.SearchScope(
-        condition=condition, key=access.scope_key, parameters=access.scope_parameters()
+        condition=condition,
+        key=access.scope_key,
+        parameters=access.scope_parameters(),
+        # An administrator's token may still narrow the types, never the patients.
+        patient_condition=None if access.unrestricted else patient_condition,
     )
 
 

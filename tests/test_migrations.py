@@ -255,3 +255,25 @@ def test_the_pending_outbox_index_is_rebuilt_on_id_even_after_an_interrupted_bui
         definition, valid = _index_state(url, "ix_outbox_event_pending")
         assert definition.endswith("(id) WHERE (status = 'pending'::text)"), definition
         assert valid
+
+
+def test_the_several_patients_index_is_partial_and_rebuilt_after_an_interrupted_build(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_several_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0019")
+        _run_sql(url, "CREATE INDEX ix_fhir_resource_several_patients ON fhir_resource (id)")
+        _invalidate(url, "ix_fhir_resource_several_patients")
+        command.upgrade(config, "0020")
+        definition, valid = _index_state(url, "ix_fhir_resource_several_patients")
+        assert definition.endswith("(resource_type, id) WHERE (cardinality(patient_ids) > 1)")
+        assert valid
+        command.downgrade(config, "0019")
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            left = connection.execute(
+                text("SELECT to_regclass('ix_fhir_resource_several_patients')")
+            ).scalar()
+        engine.dispose()
+        assert left is None

@@ -106,6 +106,7 @@ from fhir_api.search_index.encoding import (
 )
 from fhir_api.search_index.extract import (
     IndexValues,
+    at_most_one_patient,
     compile_all,
     extract_index,
     single_valued,
@@ -137,6 +138,7 @@ __all__ = [
     "reference_value",
     "resource_types",
     "search_parameters_for",
+    "at_most_one_patient",
     "single_valued",
     "string_entries",
     "text_param",

@@ -685,6 +685,20 @@ def compile_parameter(
 
 
 @functools.cache
+@functools.cache
+def at_most_one_patient(resource_type: str) -> bool:
+    """Tell whether a resource of the type is in at most one patient's compartment.
+
+    So when the type names its patients through one parameter of at most one
+    value (`Encounter.subject`); a Patient is in its own compartment and those
+    of the patients it links to.
+    """
+    params = patient_compartment_params().get(resource_type, ())
+    return resource_type != "Patient" and (
+        len(params) <= 1 and all(single_valued(resource_type, code) for code in params)
+    )
+
+
 def single_valued(resource_type: str, code: str) -> bool:
     """Tell whether a parameter gives a resource of the type at most one index value.
 

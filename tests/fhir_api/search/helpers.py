@@ -6,6 +6,11 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from auth.policy import access_for
+from auth.tokens import Principal
+from fhir_api.reads import search_scope
+from fhir_api.search import SearchScope
+
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 JSON = dict[str, Any]
 
@@ -56,3 +61,23 @@ def ids(bundle: JSON, mode: str = "match") -> set[str]:
 def found(client: TestClient, url: str) -> set[str]:
     """Return the ids a search matches."""
     return ids(search(client, url))
+
+
+def caller_scope(
+    unit: str, role: str = "unit", scopes: frozenset[str] = frozenset()
+) -> SearchScope:
+    """Return the search scope of a caller of `role` working for `unit`, as the API builds it."""
+    principal = Principal(
+        subject=f"service-account-{unit}",
+        client_id=unit,
+        username=None,
+        roles=frozenset({role}),
+        unit=unit,
+        region=None,
+        community=None,
+        specialty=None,
+        scopes=scopes,
+        token_id=None,
+        expires_at=4_000_000_000,
+    )
+    return search_scope(access_for(principal))

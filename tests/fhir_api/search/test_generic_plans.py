@@ -17,11 +17,18 @@ from sqlalchemy.orm import Session
 from bench.search import generic_plan
 from fhir_api.search import repository
 from fhir_api.search.parser import parse_search
+from tests.fhir_api.search.helpers import caller_scope
 
 BASE = "http://127.0.0.1:8000/fhir"
 
 
-def _plan(session: Session, query: str, *, custom: bool = False) -> str:
+def _plan(
+    session: Session,
+    query: str,
+    *,
+    custom: bool = False,
+    scope: repository.SearchScope = repository.UNRESTRICTED,
+) -> str:
     """Return EXPLAIN of a search's reused first-page statement, planned generically by default."""
     resource_type, _, raw = query.partition("?")
     parsed = parse_search([resource_type], parse_qsl(raw), base_url=BASE)
@@ -29,7 +36,7 @@ def _plan(session: Session, query: str, *, custom: bool = False) -> str:
         criteria=parsed.criteria,
         sort=parsed.sort,
         limit=parsed.count + 1,
-        scope=repository.UNRESTRICTED,
+        scope=scope,
         walk_dates=repository.walks_dates(session, parsed.criteria, parsed.sort),
     )
     assert template is not None, "the search should reuse its page statement"
@@ -64,6 +71,17 @@ def test_a_generic_plan_finds_the_periods_across_a_sorted_windows_edge_by_the_ra
     conditions = _range_conditions(plan)
     assert conditions, plan
     assert all("&&" in line for line in conditions), plan
+
+
+@pytest.mark.usefixtures("walks")
+def test_a_units_walk_tests_its_rows_patients_by_hash_and_partial_index_in_a_generic_plan(
+    session: Session,
+) -> None:
+    """A generic plan is blind to the unit's grantees: its patients must still be hashed."""
+    query = "Observation?date=ge2031-03-01&date=lt2031-03-08&_sort=-date"
+    plan = _plan(session, query, scope=caller_scope("unit-01"))
+    assert "hashed SubPlan" in plan, plan
+    assert "ix_fhir_resource_several_patients" in plan, plan
 
 
 def test_a_date_windows_instants_are_written_into_its_generic_plan(session: Session) -> None:

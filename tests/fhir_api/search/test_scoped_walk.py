@@ -1,0 +1,174 @@
+"""A restricted caller's date walks test each row's patient before reading its resource."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from auth import policy
+from fhir_api.models import CareRelationshipRow
+from fhir_api.search import SearchScope, repository, search
+from fhir_api.search.parser import parse_search
+from fhir_api.search_index import at_most_one_patient
+from tests.builders import patient
+from tests.fhir_api.search.helpers import JSON, caller_scope, create
+
+BASE = "http://127.0.0.1:8000/fhir"
+UNIT = "walk-scope-unit"
+WINDOW = [("date", "ge2032-07-01"), ("date", "lt2032-08-01")]
+
+
+def _observation(day: int, *, subject: str | None = None, performer: str | None = None) -> JSON:
+    resource: JSON = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "effectiveDateTime": f"2032-07-{day:02d}T10:00:00Z",
+    }
+    if subject is not None:
+        resource["subject"] = {"reference": f"Patient/{subject}"}
+    if performer is not None:
+        resource["performer"] = [{"reference": f"Patient/{performer}"}]
+    return resource
+
+
+@pytest.fixture
+def observations(client: TestClient, session: Session) -> dict[str, Any]:
+    """July 2032 observations the unit may and may not see, and what it sees, latest first."""
+    first, second = sorted(create(client, patient(f"WS{n}")) for n in range(2))
+    own = create(client, patient("WS-OWN"))
+    # The unit cares for `own` and `second`, not `first`: an observation of
+    # `first` performed by `second` is indexed under `first`, its lower id.
+    session.add_all(
+        [
+            CareRelationshipRow(grantee=f"unit:{UNIT}", patient_id=own),
+            CareRelationshipRow(grantee=f"unit:{UNIT}", patient_id=second),
+        ]
+    )
+    session.flush()
+    made = {
+        "own": create(client, _observation(2, subject=own)),
+        "second": create(client, _observation(4, subject=second)),
+        "both": create(client, _observation(6, subject=first, performer=second)),
+        "nobody": create(client, _observation(8)),
+    }
+    hidden = [create(client, _observation(day, subject=first)) for day in range(10, 30)]
+    return {
+        "made": made,
+        "hidden": hidden,
+        "visible": [made[name] for name in ("nobody", "both", "second", "own")],
+    }
+
+
+def _found(
+    session: Session,
+    pairs: list[tuple[str, str]],
+    count: int,
+    scope: SearchScope | None = None,
+) -> list[str]:
+    """Return the ids of a search's first page of `count`, searched as the unit."""
+    bundle = orjson.loads(
+        orjson.dumps(
+            search(
+                session,
+                resource_type="Observation",
+                pairs=[*pairs, ("_count", str(count))],
+                base_url=BASE,
+                scope=scope or caller_scope(UNIT),
+            )
+        )
+    )
+    return [e["resource"]["id"] for e in bundle.get("entry", [])]
+
+
+@pytest.mark.parametrize("count", [2, 3, 50])
+def test_a_windowed_walk_finds_what_the_unit_may_see(
+    session: Session, observations: dict[str, Any], count: int
+) -> None:
+    pairs = [*WINDOW, ("_sort", "-date")]
+    parsed = parse_search(["Observation"], pairs, base_url=BASE)
+    assert repository.walks_dates(session, parsed.criteria, parsed.sort)
+    assert _found(session, pairs, count) == observations["visible"][:count]
+    ascending = _found(session, [*WINDOW, ("_sort", "date")], count)
+    assert ascending == list(reversed(observations["visible"]))[:count]
+
+
+def test_an_unbounded_walk_finds_what_the_unit_may_see(
+    session: Session, observations: dict[str, Any]
+) -> None:
+    parsed = parse_search(["Observation"], [("_sort", "-date")], base_url=BASE)
+    assert repository.walks_sort_dates(session, parsed.criteria, parsed.sort)
+    found = _found(session, [("_sort", "-date")], 1000)
+    ours = set(observations["visible"]) | set(observations["hidden"])
+    assert [i for i in found if i in ours] == observations["visible"]
+
+
+def test_the_walk_reads_no_resource_of_another_units_single_patient(
+    session: Session, observations: dict[str, Any]
+) -> None:
+    parsed = parse_search(["Observation"], [*WINDOW, ("_sort", "-date")], base_url=BASE)
+    scope = caller_scope(UNIT)
+    statement = repository.first_page_statement(
+        criteria=parsed.criteria,
+        sort=parsed.sort,
+        limit=10,
+        scope=scope,
+        walk_dates=True,
+        walk_sort_dates=False,
+    )
+    compiled = statement.compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}
+    )
+    sql = str(compiled)
+    # Written into the SQL, so that even a generic plan knows the hashed set's bound.
+    assert f"LIMIT {policy.HASHED_PATIENTS}" in sql
+    for name, value in scope.parameters.items():
+        sql = sql.replace(f"%({name})s", "ARRAY[" + ",".join(f"'{v}'" for v in value) + "]::text[]")
+    plan = session.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")).scalar_one()
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    checked = [
+        n
+        for n in nodes(plan[0]["Plan"])
+        if n.get("Relation Name") == "fhir_resource" and n.get("Alias") == "r"
+    ]
+    assert checked
+    read = sum(n["Actual Loops"] for n in checked if n["Actual Loops"])
+    # The four it may see are read; the twenty of `first` alone are not.
+    assert read <= len(observations["visible"])
+
+
+def test_an_administrator_whose_token_narrows_the_types_walks_every_patient(
+    session: Session, observations: dict[str, Any]
+) -> None:
+    scope = caller_scope(UNIT, "admin", frozenset({"user/Observation.rs"}))
+    assert scope.condition is not None
+    found = _found(session, [*WINDOW, ("_sort", "-date")], 50, scope)
+    assert sorted(found) == sorted(observations["visible"] + observations["hidden"])
+
+
+def test_a_unit_with_more_patients_than_the_hash_holds_still_sees_them_all(
+    session: Session, observations: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The unit cares for two patients; a hash of one leaves the other to the probe.
+    monkeypatch.setattr(policy, "HASHED_PATIENTS", 1)
+    monkeypatch.setattr(repository, "_TEMPLATES", {})
+    for order in ("-date", "date"):
+        found = _found(session, [*WINDOW, ("_sort", order)], 50)
+        expected = observations["visible"]
+        assert found == (expected if order == "-date" else list(reversed(expected)))
+
+
+def test_which_types_have_at_most_one_patient() -> None:
+    assert at_most_one_patient("Encounter")  # subject
+    assert at_most_one_patient("Organization")  # none
+    assert not at_most_one_patient("Observation")  # subject, performer
+    assert not at_most_one_patient("Appointment")  # actor, repeating
+    assert not at_most_one_patient("Patient")  # itself and those it links to
