@@ -38,12 +38,14 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
+    type_coerce,
     union_all,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import Subquery, TableValuedAlias
+from sqlalchemy.types import NullType
 
 from fhir_api.models import (
     ResourceRow,
@@ -193,6 +195,15 @@ def may_be_visible(
         )
         known.append(has_several)
     return or_(*known)
+
+
+def _fetched_refs(resource: FromClause) -> ColumnElement[Any]:
+    """Select a resource's reference keys as psycopg hands them over: a list of str.
+
+    Typed as an ARRAY, SQLAlchemy walks every list again in Python on the way
+    out, for nothing (a tenth of the API's time serving a sorted page of 50).
+    """
+    return type_coerce(resource.c.refs, NullType()).label("refs")
 
 
 def _text_array(values: Sequence[str]) -> ColumnElement[Any]:
@@ -850,7 +861,7 @@ def _page_with_resources(
             page.c.resource_type,
             page.c.id,
             sql_cast(stored.c.resource, Text),
-            stored.c.refs,
+            _fetched_refs(stored),
         )
         .join_from(page, stored, on, isouter=flagged)
         .order_by(
@@ -1136,6 +1147,8 @@ def _sort_walk_page(
     limit: int,
     budget: int,
     listed: Sequence[tuple[str, str]] = (),
+    *,
+    slotted: bool = False,
 ) -> Subquery:
     """Return a page of (s0, type, id, beyond) from the first `budget` date rows after `after`.
 
@@ -1153,7 +1166,7 @@ def _sort_walk_page(
     beyond = rows.c.n > budget
     checks = [
         *_walk_row_checks(rows, resource_type, scope),
-        match_condition(resource, criteria, scope),
+        match_condition(resource, criteria, scope, slotted=slotted),
     ]
     if listed:
         position = tuple_(resource.c.resource_type, resource.c.id)
@@ -1221,9 +1234,8 @@ PageRow = tuple[list[Any], str, str, str, list[str]]
 
 def _page_rows(
     session: Session,
-    page: Subquery,
-    directions: Sequence[bool],
-    backwards: bool,
+    statement: Select[Any],
+    values: Mapping[str, Any] | None = None,
     *,
     flagged: bool = False,
 ) -> list[tuple[PageRow, bool]]:
@@ -1232,14 +1244,46 @@ def _page_rows(
     A flagged page carries a `beyond` column: its rows so marked are kept even
     without a stored resource, for what they tell rather than what they hold.
     """
-    statement = _page_with_resources(page, directions, backwards, flagged=flagged)
     return [
         (
             ([row[0]], str(row[1]), str(row[2]), str(row[3]), list(row[4] or ())),
             bool(flagged and row[5]),
         )
-        for row in session.execute(statement)
+        for row in session.execute(statement, values)
     ]
+
+
+def _sort_walk_statement(
+    criteria: dict[str, list[Criterion]],
+    key: SortKey,
+    scope: SearchScope,
+    after: Sequence[Any] | None,
+    backwards: bool,
+    limit: int,
+    budget: int,
+    listed: Sequence[tuple[str, str]],
+) -> tuple[Select[Any], Mapping[str, Any] | None]:
+    """Return a sort walk's statement and its values: a reused one for a walk from the start.
+
+    Built per search, the walk's statement cost more of the API's time than
+    PostgreSQL took to run it.
+    """
+    directions = [key.descending != backwards]
+    shape = None
+    if after is None and not listed:
+        shape = _page_shape(criteria, [key], None, backwards, limit, scope, walk_dates=False)
+    if shape is None:
+        page = _sort_walk_page(criteria, key, scope, after, backwards, limit, budget, listed)
+        return _page_with_resources(page, directions, backwards, flagged=True), None
+    template_key = ("sort walk", shape, budget)
+    template = _TEMPLATES.get(template_key)
+    if template is None:
+        page = _sort_walk_page(criteria, key, scope, None, backwards, limit, budget, slotted=True)
+        template = _page_with_resources(page, directions, backwards, flagged=True)
+        if len(_TEMPLATES) >= MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[template_key] = template
+    return template, {**scope.parameters, **_slot_values(criteria, [key], None)}
 
 
 def first_page_statement(
@@ -1326,8 +1370,10 @@ def _walk_sort_dates(
         """Walk a budget of dated rows after `position`: None if it ended short of them."""
         # A resource that gained its date since the undated statement is listed once.
         listed = [(row[1], row[2]) for row in found]
-        page = _sort_walk_page(criteria, key, scope, position, backwards, size, budget, listed)
-        rows = _page_rows(session, page, directions, backwards, flagged=True)
+        statement, values = _sort_walk_statement(
+            criteria, key, scope, position, backwards, size, budget, listed
+        )
+        rows = _page_rows(session, statement, values, flagged=True)
         walked = [row for row, beyond in rows if not beyond]
         if len(walked) < size and any(beyond for _, beyond in rows):
             return None
@@ -1336,7 +1382,8 @@ def _walk_sort_dates(
     def undated(position: Sequence[Any] | None, size: int) -> list[PageRow]:
         seen = [(row[1], row[2]) for row in found]
         page = _undated_page(criteria, key, scope, position, backwards, size, seen)
-        return [row for row, _ in _page_rows(session, page, directions, backwards)]
+        statement = _page_with_resources(page, directions, backwards)
+        return [row for row, _ in _page_rows(session, statement)]
 
     if not backwards:
         if not in_undated:
@@ -1690,7 +1737,7 @@ def _keys_statement(scope: SearchScope) -> Select[Any]:
             resource.c.resource_type,
             resource.c.id,
             sql_cast(resource.c.resource, Text),
-            resource.c.refs,
+            _fetched_refs(resource),
         )
         .where(
             resource.c.resource_type == bindparam("type", type_=Text),
@@ -1726,7 +1773,7 @@ def list_referencing(
             resource.c.resource_type,
             resource.c.id,
             sql_cast(resource.c.resource, Text),
-            resource.c.refs,
+            _fetched_refs(resource),
         )
         .where(*conditions)
         .order_by(resource.c.resource_type, resource.c.id)

@@ -685,7 +685,6 @@ def compile_parameter(
 
 
 @functools.cache
-@functools.cache
 def at_most_one_patient(resource_type: str) -> bool:
     """Tell whether a resource of the type is in at most one patient's compartment.
 
@@ -699,6 +698,7 @@ def at_most_one_patient(resource_type: str) -> bool:
     )
 
 
+@functools.cache
 def single_valued(resource_type: str, code: str) -> bool:
     """Tell whether a parameter gives a resource of the type at most one index value.
 

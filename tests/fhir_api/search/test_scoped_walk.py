@@ -106,6 +106,10 @@ def test_an_unbounded_walk_finds_what_the_unit_may_see(
     found = _found(session, [("_sort", "-date")], 1000)
     ours = set(observations["visible"]) | set(observations["hidden"])
     assert [i for i in found if i in ours] == observations["visible"]
+    # The same search by another unit reuses the statement with that unit's patients.
+    assert any(isinstance(k, tuple) and k[0] == "sort walk" for k in repository._TEMPLATES)
+    elsewhere = _found(session, [("_sort", "-date")], 1000, caller_scope("walk-scope-other"))
+    assert [i for i in elsewhere if i in ours] == [observations["made"]["nobody"]]
 
 
 def test_the_walk_reads_no_resource_of_another_units_single_patient(
