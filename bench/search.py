@@ -415,15 +415,14 @@ def explain(args: argparse.Namespace, queries: dict[str, list[str]]) -> None:
                     note += f"\n-- EXPLAIN ANALYZE exceeded {args.explain_timeout} ms: plan only"
             plan = "\n".join(str(row[0]) for row in rows)
             text = f"-- {kind}: GET /fhir/{query} as {caller}\n{note}\n\n{compiled}\n\n{plan}\n"
-            template = None
-            if not sort_walk:
-                template = search_repository.first_page_template(
-                    criteria=parsed.criteria,
-                    sort=parsed.sort,
-                    limit=parsed.count + 1,
-                    scope=scope,
-                    walk_dates=walk,
-                )
+            template = search_repository.first_page_template(
+                criteria=parsed.criteria,
+                sort=parsed.sort,
+                limit=parsed.count + 1,
+                scope=scope,
+                walk_dates=walk,
+                walk_sort_dates=sort_walk,
+            )
             if template is not None:
                 with engine.connect() as connection:
                     connection.exec_driver_sql(

@@ -1317,12 +1317,18 @@ def first_page_template(
     limit: int,
     scope: SearchScope,
     walk_dates: bool,
+    walk_sort_dates: bool = False,
 ) -> tuple[Select[Any], dict[str, Any]] | None:
     """Return the reused statement of a first page and its values, or None (for EXPLAIN).
 
     Reused statements are the ones psycopg prepares and PostgreSQL may come to
     plan generically, blind to the values.
     """
+    if walk_sort_dates:
+        budget = _walk_budget(limit)
+        walk = _sort_walk_statement(criteria, sort[0], scope, None, False, limit, budget, ())
+        statement, values = walk
+        return None if values is None else (statement, dict(values))
     shape = _page_shape(criteria, sort, None, False, limit, scope, walk_dates)
     if shape is None:
         return None

@@ -38,6 +38,7 @@ def _plan(
         limit=parsed.count + 1,
         scope=scope,
         walk_dates=repository.walks_dates(session, parsed.criteria, parsed.sort),
+        walk_sort_dates=repository.walks_sort_dates(session, parsed.criteria, parsed.sort),
     )
     assert template is not None, "the search should reuse its page statement"
     # Any index over a scan of the table: the question is which conditions it takes.
@@ -82,6 +83,14 @@ def test_a_units_walk_tests_its_rows_patients_by_hash_and_partial_index_in_a_gen
     plan = _plan(session, query, scope=caller_scope("unit-01"))
     assert "hashed SubPlan" in plan, plan
     assert "ix_fhir_resource_several_patients" in plan, plan
+
+
+def test_a_units_sort_walk_is_reused_and_walks_the_date_index_in_a_generic_plan(
+    session: Session,
+) -> None:
+    plan = _plan(session, "Observation?_sort=-date", scope=caller_scope("unit-01"))
+    assert "ix_fhir_search_date_by_end" in plan, plan
+    assert "hashed SubPlan" in plan, plan
 
 
 def test_a_date_windows_instants_are_written_into_its_generic_plan(session: Session) -> None:
