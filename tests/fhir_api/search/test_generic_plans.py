@@ -93,6 +93,16 @@ def test_a_units_sort_walk_is_reused_and_walks_the_date_index_in_a_generic_plan(
     assert "hashed SubPlan" in plan, plan
 
 
+def test_a_name_walks_type_and_parameter_are_written_into_its_generic_plan(
+    session: Session,
+) -> None:
+    """Blind to them, a generic plan misjudged a common prefix and scanned it per entry."""
+    plan = _plan(session, "Patient?name=bena", scope=caller_scope("unit-01"))
+    walked = [line for line in plan.splitlines() if "Index Cond" in line and "bena" in line]
+    assert walked, plan
+    assert all("'Patient'::text" in line and "'name'::text" in line for line in walked), plan
+
+
 def test_a_date_windows_instants_are_written_into_its_generic_plan(session: Session) -> None:
     """Blind to them, a plan cannot tell an open window from a day: it always sees them."""
     conditions = _range_conditions(_plan(session, WINDOW))
