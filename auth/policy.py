@@ -198,6 +198,13 @@ class Access:
             return None
         return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
 
+    @property
+    def restricts_rows(self) -> bool:
+        """Whether `row_condition` gives a condition, told without building it."""
+        return not self.unrestricted or (
+            self.smart is not None and self.smart.readable_types() is not None
+        )
+
     def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
         """Return the SQL condition for patients whose records this caller may see (None: all).
 

@@ -29,6 +29,10 @@ class AccessControl(Protocol):
         """Return the SQL condition over a `fhir_resource` alias for visible rows."""
 
     @property
+    def restricts_rows(self) -> bool:
+        """Whether `row_condition` gives a condition, told without building it."""
+
+    @property
     def scope_key(self) -> Hashable:
         """Return what the row condition's SQL depends on (equal keys: the same SQL)."""
 
@@ -51,6 +55,8 @@ class _Unrestricted:
         """See every row."""
         del resource
         return None
+
+    restricts_rows = False
 
     scope_key = None
 

@@ -47,7 +47,9 @@ def decode_cursor(token: str) -> list[Any]:
 
 def search_scope(access: AccessControl) -> search_service.SearchScope:
     """Return the search scope of a caller: its row condition inside every query."""
-    if access.row_condition(repository.RESOURCE) is None:
+    # Told without building the condition: that costs 0.2 ms, and a reused
+    # page statement needs only the scope's parameters.
+    if not access.restricts_rows:
         return search_service.UNRESTRICTED
 
     def condition(resource: FromClause) -> ColumnElement[bool]:
