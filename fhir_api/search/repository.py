@@ -1610,7 +1610,18 @@ def _page_shape(
             negate = not isinstance(criterion, ReferenceCriterion) and criterion.negate
             kinds.append((type(criterion), negate))
         shape.append((resource_type, tuple(kinds)))
-    return (tuple(shape), tuple(sort), after is not None, backwards, limit, scope.key, walk_dates)
+    # Whether rows are tested by patient is the scope's too; said, not left to its key.
+    patients = scope.patient_condition is not None
+    return (
+        tuple(shape),
+        tuple(sort),
+        after is not None,
+        backwards,
+        limit,
+        scope.key,
+        patients,
+        walk_dates,
+    )
 
 
 def _page_template(

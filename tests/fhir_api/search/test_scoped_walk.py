@@ -176,3 +176,34 @@ def test_which_types_have_at_most_one_patient() -> None:
     assert not at_most_one_patient("Observation")  # subject, performer
     assert not at_most_one_patient("Appointment")  # actor, repeating
     assert not at_most_one_patient("Patient")  # itself and those it links to
+
+
+def test_a_patient_linked_to_the_units_patient_is_found_by_the_walk(
+    client: TestClient, session: Session
+) -> None:
+    """A Patient is indexed under its own id, which the unit may not know: the link decides."""
+    own = create(client, patient("WS-LINKED-OWN", birthDate="2031-05-01"))
+    linked = create(
+        client,
+        patient(
+            "WS-LINKED",
+            birthDate="2031-05-02",
+            link=[{"other": {"reference": f"Patient/{own}"}, "type": "seealso"}],
+        ),
+    )
+    stranger = create(client, patient("WS-STRANGER", birthDate="2031-05-03"))
+    session.add(CareRelationshipRow(grantee=f"unit:{UNIT}", patient_id=own))
+    session.flush()
+    bundle = orjson.loads(
+        orjson.dumps(
+            search(
+                session,
+                resource_type="Patient",
+                pairs=[("_sort", "-birthdate"), ("_count", "1000")],
+                base_url=BASE,
+                scope=caller_scope(UNIT),
+            )
+        )
+    )
+    found = [e["resource"]["id"] for e in bundle.get("entry", [])]
+    assert [i for i in found if i in {own, linked, stranger}] == [linked, own]
