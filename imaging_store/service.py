@@ -19,6 +19,7 @@ import binascii
 import codecs
 import hashlib
 import re
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -44,6 +45,13 @@ from imaging_store.errors import (
     InvalidContentDigest,
     StorageUnavailable,
 )
+from imaging_store.hash_states import (
+    RESUMABLE,
+    SHA256_STATE_BYTES,
+    ResumableHash,
+    RunningHash,
+    new_hash,
+)
 from imaging_store.models import BinaryObjectRow
 from imaging_store.sniffing import HEAD_BYTES, sniff_content_type
 from imaging_store.storage import (
@@ -60,6 +68,11 @@ JSONObject = dict[str, Any]
 # Spooled uploads stay in memory up to this size, then go to a temporary file,
 # so concurrent 25 MB uploads do not each hold 25 MB of RAM.
 SPOOL_MEMORY_BYTES = 1024 * 1024
+# A saved ContentDigests: version, size, UTF-8 validity, the decoder's flag and
+# the lengths of its pending bytes and of the head; then those bytes, the head,
+# and the SHA-256 and SHA-1 states.
+_STATE_HEADER = struct.Struct("<BQ?QBH")
+_STATE_VERSION = 1
 # RFC 9530 algorithms Waha verifies, by their registered names.
 _DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512"}
 _DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9_\-*.]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$")
@@ -193,8 +206,8 @@ class ContentDigests:
 
     def __init__(self) -> None:
         self.size = 0
-        self._sha256 = hashlib.sha256()
-        self._sha1 = hashlib.sha1(usedforsecurity=False)
+        self._sha256: RunningHash = new_hash("sha256")
+        self._sha1: RunningHash = new_hash("sha1")
         self._head = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._valid_text = True
@@ -224,6 +237,57 @@ class ContentDigests:
         twin._decoder.setstate(self._decoder.getstate())
         twin._valid_text = self._valid_text
         return twin
+
+    def state(self) -> bytes | None:
+        """Return the whole running state as bytes, or None where hashes cannot be resumed."""
+        if not isinstance(self._sha256, ResumableHash) or not isinstance(self._sha1, ResumableHash):
+            return None
+        pending, flag = self._decoder.getstate()
+        return b"".join(
+            (
+                _STATE_HEADER.pack(
+                    _STATE_VERSION,
+                    self.size,
+                    self._valid_text,
+                    flag,
+                    len(pending),
+                    len(self._head),
+                ),
+                pending,
+                bytes(self._head),
+                self._sha256.state,
+                self._sha1.state,
+            )
+        )
+
+    @classmethod
+    def resume(cls, state: bytes) -> ContentDigests | None:
+        """Take up a state from `state()`, possibly another process's; None if unreadable here."""
+        if not RESUMABLE:
+            return None
+        try:
+            version, size, valid_text, flag, pending_bytes, head_bytes = _STATE_HEADER.unpack_from(
+                state
+            )
+            if version != _STATE_VERSION:
+                return None
+            start = _STATE_HEADER.size
+            pending = state[start : start + pending_bytes]
+            start += pending_bytes
+            head = state[start : start + head_bytes]
+            start += head_bytes
+            sha256 = ResumableHash("sha256", state=state[start : start + SHA256_STATE_BYTES])
+            sha1 = ResumableHash("sha1", state=state[start + SHA256_STATE_BYTES :])
+        except (struct.error, ValueError):
+            return None
+        digests = cls()
+        digests.size = size
+        digests._valid_text = valid_text
+        digests._decoder.setstate((pending, flag))
+        digests._head = bytearray(head)
+        digests._sha256 = sha256
+        digests._sha1 = sha1
+        return digests
 
     @property
     def head(self) -> bytes:

@@ -6,7 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, Text, Uuid, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    LargeBinary,
+    Text,
+    Uuid,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -49,6 +58,9 @@ class TusUploadRow(Base):
     # Bytes past the last part (fewer than S3's 5 MiB part minimum), staged as an object.
     tail_key: Mapped[str | None] = mapped_column(Text)
     tail_size: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    # The running digests (ContentDigests.state) at upload_offset, so that the
+    # next PATCH goes on hashing in whichever API process it reaches.
+    digest_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Set while one PATCH streams; keeps a second PATCH out without holding a
     # transaction open for the whole body.
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

@@ -26,12 +26,12 @@ upload, once completed, cannot take its parts again, so its last PATCH
 records the full offset first (state `assembling`); HEAD or a retry then
 finishes it.
 
-An upload is hashed, sniffed and UTF-8-checked as it streams when every one
-of its PATCHes reached the same API process (always so for one sent in a
-single PATCH, as small photos are): the process keeps the digest state of
-its uploads in progress, by offset. Otherwise completion re-reads the
-assembled object once, streamed, for the same: hash states cannot be handed
-between processes, and one sequential read costs little next to receiving.
+An upload is hashed, sniffed and UTF-8-checked as it streams, whichever API
+process each PATCH reaches: the running state (SHA-256 and SHA-1 contexts,
+the head kept for sniffing, the UTF-8 decoder's) is recorded with the offset
+it covers, in the same transaction, and the next PATCH takes it up. Only
+where the hash contexts cannot be saved (no libcrypto to load) does
+completion re-read the assembled object once, streamed, for the same.
 
 Staged tails are removed by key as soon as a later PATCH has consumed them.
 One left behind by a PATCH that failed between staging and recording goes
@@ -46,10 +46,8 @@ import binascii
 import hashlib
 import io
 import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,12 +97,6 @@ CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # The type is sniffed at completion; until then the object is opaque bytes.
 OPAQUE_CONTENT_TYPE = "application/octet-stream"
 MAX_METADATA_CHARS = 4096
-# Digest states of uploads in progress whose every byte so far went through
-# this process, by upload id, with the offset they cover (least recently used
-# dropped first); an entry is only ever copied, so a failed PATCH leaves it.
-RUNNING_DIGESTS_MAX = 256
-_running_digests: OrderedDict[str, tuple[int, ContentDigests]] = OrderedDict()
-_running_digests_lock = threading.Lock()
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _METADATA_KEY = re.compile(r"^[^\s,]+$")
 _CONTEXT_TYPES = {"patient": "Patient", "encounter": "Encounter"}
@@ -165,6 +157,7 @@ class _Claim:
     parts: list[dict[str, Any]]
     tail_key: str | None
     tail_size: int
+    digest_state: bytes | None
 
     @classmethod
     def of(cls, row: TusUploadRow) -> _Claim:
@@ -178,6 +171,7 @@ class _Claim:
             parts=list(row.parts),
             tail_key=row.tail_key,
             tail_size=row.tail_size,
+            digest_state=row.digest_state,
         )
 
 
@@ -190,7 +184,7 @@ class _Staged:
     tail_key: str | None
     tail_size: int
     offset: int
-    # The digests of the upload up to `offset`, when this process saw every byte.
+    # The digests of the upload up to `offset`, unless a state could not be taken up.
     digests: ContentDigests | None = None
 
 
@@ -365,26 +359,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _resume_digests(upload_id: str, offset: int) -> ContentDigests | None:
-    """Return digests to go on from at `offset`: fresh at 0, else this process's if kept."""
-    if offset == 0:
+def _resume_digests(claim: _Claim) -> ContentDigests | None:
+    """Return digests to go on from at the claim's offset: fresh at 0, else its recorded state."""
+    if claim.offset == 0:
         return ContentDigests()
-    with _running_digests_lock:
-        entry = _running_digests.get(upload_id)
-    if entry is None or entry[0] != offset:
+    if claim.digest_state is None:
         return None
-    return entry[1].copy()
+    return ContentDigests.resume(claim.digest_state)
 
 
-def _keep_digests(upload_id: str, offset: int, digests: ContentDigests | None) -> None:
-    """Keep an upload's digests at its recorded offset, or forget them (None, or finished)."""
-    with _running_digests_lock:
-        _running_digests.pop(upload_id, None)
-        if digests is None:
-            return
-        _running_digests[upload_id] = (offset, digests)
-        while len(_running_digests) > RUNNING_DIGESTS_MAX:
-            _running_digests.popitem(last=False)
+def _digest_state(digests: ContentDigests | None) -> bytes | None:
+    return digests.state() if digests is not None else None
 
 
 def create_upload(
@@ -623,7 +608,6 @@ def _receive_leased(
                         caller=caller,
                         settings=settings,
                     )
-                _keep_digests(upload_id, staged.offset, None)
                 if claim.tail_key is not None:
                     _remove_quietly(storage, claim.tail_key)
                 return status
@@ -634,6 +618,8 @@ def _receive_leased(
                 row.tail_key = staged.tail_key
                 row.tail_size = staged.tail_size
                 row.upload_offset = staged.offset
+                # Kept while assembling too: a retried completion takes it up.
+                row.digest_state = _digest_state(staged.digests)
                 # Each PATCH buys the upload another expiry period.
                 row.expires_at = _now() + settings.expiry
                 if staged.offset == row.length:
@@ -645,7 +631,6 @@ def _receive_leased(
                     row.lease_token = None
                     row.lease_expires_at = None
                 status = _status(row)
-            _keep_digests(upload_id, staged.offset, staged.digests if assembling is None else None)
             if claim.tail_key is not None and claim.tail_key != staged.tail_key:
                 _remove_quietly(storage, claim.tail_key)
             if status.offset < status.length:
@@ -679,7 +664,7 @@ def _stage_body(
     multipart_upload_id = claim.multipart_upload_id
     received = 0
     # Hashed as it streams, so that completion need not read the object back.
-    digests = _resume_digests(claim.id, claim.offset)
+    digests = _resume_digests(claim)
     # From offset 0 the upload's SHA-256 and SHA-1 are also those of this body.
     body_hash = (
         hashlib.new(checksum.algorithm) if checksum is not None and claim.offset > 0 else None
@@ -801,11 +786,13 @@ def _assemble(
     """Complete the multipart object, check it, and record it as a Binary (lease held).
 
     `claim` is the upload as the PATCH that filled it just recorded it, and
-    `digests` those of all its bytes when this process saw every one.
+    `digests` those of all its bytes, as that PATCH took them up and went on.
     """
     if claim is None:
         with session_scope() as session:
             claim = _Claim.of(_leased_row(session, upload_id, token))
+    if digests is None and claim.digest_state is not None:
+        digests = ContentDigests.resume(claim.digest_state)
     key = object_key(claim.binary_id)
     if claim.multipart_upload_id is None:
         # Stored whole by one PUT; only an interrupted completion needs to check.
@@ -889,6 +876,7 @@ def _finish(
         encounter_id=encounter.removeprefix("Encounter/") if encounter else None,
     )
     row.state = COMPLETED
+    row.digest_state = None
     row.tail_key = None
     row.tail_size = 0
     row.lease_token = None

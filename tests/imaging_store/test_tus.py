@@ -24,6 +24,7 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
 from hub.settings import Settings
+from imaging_store.errors import StorageUnavailable
 from imaging_store.service import Caller, ContentDigests, binary_storage
 from imaging_store.storage import BinaryStorage
 from imaging_store.uploads import service as uploads_service
@@ -840,16 +841,70 @@ def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
     again = _binary_object(committed, finished.headers["Waha-Binary"])
     assert (bytes(again.sha256), bytes(again.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
 
-    # A PATCH that reaches a process which did not see the first bytes (here:
-    # one that forgot them) reads the object back once, with the same result.
+    # The running digests are recorded with the offset, for whichever process
+    # takes the next PATCH: they are those of the bytes so far.
     upload_url = _create(uploads_url, len(whole), headers)
     assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
-    uploads_service._running_digests.clear()
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    recorded = ContentDigests.resume(bytes(row["digest_state"]))
+    assert recorded is not None
+    assert (recorded.size, recorded.sha256) == (100_000, hashlib.sha256(whole[:100_000]).digest())
+
+    # An upload recorded without them (where the hash state cannot be saved)
+    # is read back once at completion, with the same result.
+    upload_url = _create(uploads_url, len(whole), headers)
+    assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET digest_state = NULL WHERE id = :id"),
+            {"id": upload_url.rsplit("/", 1)[1]},
+        )
     finished = _patch(upload_url, whole[100_000:], 100_000, headers)
     assert finished.status_code == 204, finished.text
     assert len([key for key in reads if key.startswith("binaries/")]) == 1
     third = _binary_object(committed, finished.headers["Waha-Binary"])
     assert (bytes(third.sha256), bytes(third.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
+
+
+def test_a_completion_retried_after_an_outage_takes_up_the_recorded_digests(
+    uploads_url: str, auth_headers: Headers, committed: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    original_open = BinaryStorage.open
+    original_complete = BinaryStorage.complete_multipart
+
+    def recording_open(storage: BinaryStorage, key: str) -> Iterator[bytes]:
+        reads.append(key)
+        return original_open(storage, key)
+
+    def failing_complete(storage: BinaryStorage, *args: Any, **kwargs: Any) -> bool:
+        raise StorageUnavailable("object storage is unreachable")
+
+    monkeypatch.setattr(BinaryStorage, "open", recording_open)
+    headers = auth_headers("unit-01")
+    content = _content(PART_BYTES + 1_000)
+    upload_url = _create(uploads_url, len(content), headers)
+    assert _patch(upload_url, content[:PART_BYTES], 0, headers).status_code == 204
+    monkeypatch.setattr(BinaryStorage, "complete_multipart", failing_complete)
+    _assert_problem(
+        _patch(upload_url, content[PART_BYTES:], PART_BYTES, headers), 503, "storage-unavailable"
+    )
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    assert (row["state"], row["upload_offset"]) == ("assembling", len(content))
+    assert row["digest_state"] is not None
+
+    # HEAD finishes it, from the recorded digests: nothing is read back.
+    monkeypatch.setattr(BinaryStorage, "complete_multipart", original_complete)
+    assert _head(upload_url, headers).headers["Upload-Offset"] == str(len(content))
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    assert (row["state"], row["digest_state"]) == ("completed", None)
+    assert not [key for key in reads if key.startswith("binaries/")]
+    stored = _binary_object(committed, f"Binary/{row['binary_id']}")
+    assert bytes(stored.sha256) == hashlib.sha256(content).digest()
+    assert bytes(stored.sha1) == hashlib.sha1(content).digest()  # noqa: S324 - R4 Attachment.hash
 
 
 def test_a_patch_of_over_5_mib_ends_with_a_part_not_a_staged_tail(

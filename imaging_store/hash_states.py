@@ -1,0 +1,143 @@
+"""SHA-256 and SHA-1 whose running state can be saved and taken up by another process.
+
+A tus upload's PATCHes may reach different API processes, and hashlib's
+objects cannot be serialized, so without this the process that receives the
+last bytes would read the whole object back to hash it. OpenSSL's low-level
+digest functions (`SHA256_Init`/`_Update`/`_Final`, `SHA1_*`; deprecated in
+OpenSSL 3 but still exported) keep the whole state in a plain struct that the
+caller owns, so its bytes are the state: saved with the upload's offset, they
+are taken up wherever the next PATCH lands, with OpenSSL's own speed.
+
+The struct layout is checked when this module loads: a state saved mid-block
+and taken up in a fresh context must give hashlib's digest. If libcrypto, its
+functions or that check fail, `RESUMABLE` is False and callers keep hashlib
+(and read back instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+from typing import Protocol
+
+# sizeof(SHA256_CTX): h[8], Nl, Nh, data[16], num, md_len, all 32-bit.
+SHA256_STATE_BYTES = 112
+# sizeof(SHA_CTX): h0..h4, Nl, Nh, data[16], num.
+_SHA1_STATE_BYTES = 96
+# Contexts are allocated larger than the state they carry, so that a build
+# with a larger struct fails the load check instead of writing past the buffer.
+_CONTEXT_BYTES = 512
+_DIGEST_BYTES = {"sha256": 32, "sha1": 20}
+_STATE_BYTES = {"sha256": SHA256_STATE_BYTES, "sha1": _SHA1_STATE_BYTES}
+_FUNCTION_PREFIX = {"sha256": "SHA256", "sha1": "SHA1"}
+
+
+class RunningHash(Protocol):
+    """What ContentDigests needs of a hash: hashlib's objects and ResumableHash both fit."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+    def copy(self) -> RunningHash: ...
+
+
+class _Functions:
+    """One algorithm's Init/Update/Final in libcrypto."""
+
+    def __init__(self, library: ctypes.CDLL, algorithm: str) -> None:
+        prefix = _FUNCTION_PREFIX[algorithm]
+        self.init = getattr(library, f"{prefix}_Init")
+        self.update = getattr(library, f"{prefix}_Update")
+        self.final = getattr(library, f"{prefix}_Final")
+        self.init.argtypes = [ctypes.c_void_p]
+        self.update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        self.final.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        for function in (self.init, self.update, self.final):
+            function.restype = ctypes.c_int
+
+
+def _load_functions() -> dict[str, _Functions] | None:
+    for name in (ctypes.util.find_library("crypto"), "libcrypto.so.3", "libcrypto.dylib"):
+        if name is None:
+            continue
+        try:
+            library = ctypes.CDLL(name)
+            return {algorithm: _Functions(library, algorithm) for algorithm in _DIGEST_BYTES}
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_FUNCTIONS = _load_functions()
+
+
+class ResumableHash:
+    """A running SHA-256 or SHA-1 whose state is bytes (`state`, `resume`)."""
+
+    __slots__ = ("_algorithm", "_context", "_functions")
+
+    def __init__(self, algorithm: str, *, state: bytes | None = None) -> None:
+        if _FUNCTIONS is None:
+            raise RuntimeError("libcrypto's digest functions are not available")
+        self._algorithm = algorithm
+        self._functions = _FUNCTIONS[algorithm]
+        self._context = ctypes.create_string_buffer(_CONTEXT_BYTES)
+        if state is None:
+            if self._functions.init(self._context) != 1:
+                raise RuntimeError(f"{algorithm} could not start")
+        else:
+            if len(state) != _STATE_BYTES[algorithm]:
+                raise ValueError(f"a {algorithm} state is {_STATE_BYTES[algorithm]} bytes")
+            ctypes.memmove(self._context, state, len(state))
+
+    def update(self, data: bytes, /) -> None:
+        """Hash the next bytes (ctypes lets other threads run meanwhile)."""
+        if self._functions.update(self._context, bytes(data), len(data)) != 1:
+            raise RuntimeError(f"{self._algorithm} failed")
+
+    def digest(self) -> bytes:
+        """Return the digest of the bytes so far; the hash can go on."""
+        out = ctypes.create_string_buffer(_DIGEST_BYTES[self._algorithm])
+        if self._functions.final(out, self.copy()._context) != 1:
+            raise RuntimeError(f"{self._algorithm} failed")
+        return out.raw
+
+    def copy(self) -> ResumableHash:
+        """Return an independent copy."""
+        return ResumableHash(self._algorithm, state=self.state)
+
+    @property
+    def state(self) -> bytes:
+        """Return the running state, for `ResumableHash(algorithm, state=...)` elsewhere."""
+        return self._context.raw[: _STATE_BYTES[self._algorithm]]
+
+
+def _layout_holds() -> bool:
+    """Tell whether a state saved mid-block and taken up again gives hashlib's digest."""
+    if _FUNCTIONS is None:
+        return False
+    data = bytes(range(256)) * 5
+    try:
+        for algorithm in _DIGEST_BYTES:
+            running = ResumableHash(algorithm)
+            # 100 bytes: one whole 64-byte block and a part of the next.
+            running.update(data[:100])
+            taken_up = ResumableHash(algorithm, state=running.state)
+            taken_up.update(data[100:])
+            if taken_up.digest() != hashlib.new(algorithm, data).digest():
+                return False
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+RESUMABLE = _layout_holds()
+
+
+def new_hash(algorithm: str) -> RunningHash:
+    """Return a fresh SHA-256 or SHA-1: resumable when libcrypto allows it, else hashlib's."""
+    if RESUMABLE:
+        return ResumableHash(algorithm)
+    return hashlib.new(algorithm, usedforsecurity=algorithm != "sha1")
