@@ -39,7 +39,9 @@ class AccessControl(Protocol):
     def scope_parameters(self) -> dict[str, Any]:
         """Return the values of the row condition's named parameters."""
 
-    def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
+    def patient_condition(
+        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None = None
+    ) -> ColumnElement[bool] | None:
         """Return the SQL condition for patients whose records the caller may see (None: all)."""
 
 
@@ -64,9 +66,11 @@ class _Unrestricted:
         """Need no parameters."""
         return {}
 
-    def patient_condition(self, patient_id: ColumnElement[str]) -> ColumnElement[bool] | None:
+    def patient_condition(
+        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None = None
+    ) -> ColumnElement[bool] | None:
         """See every patient's records."""
-        del patient_id
+        del patient_id, ordinal
         return None
 
 

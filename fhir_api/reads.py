@@ -57,8 +57,10 @@ def search_scope(access: AccessControl) -> search_service.SearchScope:
         assert visible is not None  # noqa: S101 - the caller's rights do not change mid-request
         return visible
 
-    def patient_condition(patient_id: ColumnElement[str]) -> ColumnElement[bool]:
-        caller_patients = access.patient_condition(patient_id)
+    def patient_condition(
+        patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None
+    ) -> ColumnElement[bool]:
+        caller_patients = access.patient_condition(patient_id, ordinal)
         assert caller_patients is not None  # noqa: S101 - a restricted caller's patients are
         return caller_patients
 

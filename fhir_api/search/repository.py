@@ -133,7 +133,7 @@ CLOSED: ColumnElement[str] = literal_column("'[]'")
 DATE_RANGE = func.tstzrange(ROW_START, ROW_END, CLOSED)
 SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
 ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
-PatientCondition = Callable[[ColumnElement[str]], ColumnElement[bool]]
+PatientCondition = Callable[[ColumnElement[str], ColumnElement[int] | None], ColumnElement[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,8 @@ def may_be_visible(
 ) -> ColumnElement[bool] | None:
     """Return what an index row's resource must pass to be in scope (None: nothing).
 
-    `rows` are index rows of `resource_type`: (resource_type, id, compartment_key).
+    `rows` are index rows of `resource_type`: (resource_type, id, compartment_key,
+    n), `n` numbering them from 1 in the order the walk tests them.
     A row carries its resource's first patient (`compartment_key`, NULL for
     none). A resource with exactly that one patient is in scope only if the
     patient is the caller's; one with none or several is left to the full test.
@@ -179,7 +180,7 @@ def may_be_visible(
     if scope.patient_condition is None:
         return None
     key = rows.c.compartment_key
-    known: list[ColumnElement[bool]] = [key.is_(None), scope.patient_condition(key)]
+    known: list[ColumnElement[bool]] = [key.is_(None), scope.patient_condition(key, rows.c.n)]
     if not at_most_one_patient(resource_type):
         several = SEVERAL_PATIENTS
         has_several = exists(
@@ -1039,12 +1040,14 @@ def _date_walk_page(
     conditions = [*tests]
     if after is not None:
         conditions.append(_after(keyed, after))
-    ordered = (
-        select(rows.c.s0, rows.c.resource_type, rows.c.id, rows.c.compartment_key)
-        .where(*conditions)
-        .order_by(*_in_walk_order(rows, descending, backwards))
-        .subquery("ordered")
-    )
+    walk_order = _in_walk_order(rows, descending, backwards)
+    columns: list[ColumnElement[Any]] = [rows.c.s0, rows.c.resource_type, rows.c.id]
+    if scope.patient_condition is not None:
+        # Numbered for the caller's patient test (`may_be_visible`); over the
+        # walk's own order, the numbering streams with it.
+        number = func.row_number().over(order_by=walk_order)
+        columns += [rows.c.compartment_key, number.label("n")]
+    ordered = select(*columns).where(*conditions).order_by(*walk_order).subquery("ordered")
     check = (
         select(literal(1).label("ok"))
         .select_from(resource)

@@ -64,6 +64,25 @@ def observations(client: TestClient, session: Session) -> dict[str, Any]:
     }
 
 
+# How a walk tests its rows' patients: a probe each for the first
+# PROBED_ROWS (all of these few rows, by default), then against a hash of the
+# caller's patients, or still by probe past HASHED_PATIENTS of them.
+PATIENT_TESTS = {
+    "probed": {},
+    "hashed": {"PROBED_ROWS": 1},
+    "past the hash bound": {"PROBED_ROWS": 1, "HASHED_PATIENTS": 1},
+}
+
+
+@pytest.fixture(params=list(PATIENT_TESTS))
+def patient_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test under each way of testing patients; the bounds are in the SQL."""
+    for name, value in PATIENT_TESTS[request.param].items():
+        monkeypatch.setattr(policy, name, value)
+    monkeypatch.setattr(repository, "_TEMPLATES", {})
+    return str(request.param)
+
+
 def _found(
     session: Session,
     pairs: list[tuple[str, str]],
@@ -86,6 +105,7 @@ def _found(
 
 
 @pytest.mark.parametrize("count", [2, 3, 50])
+@pytest.mark.usefixtures("patient_test")
 def test_a_windowed_walk_finds_what_the_unit_may_see(
     session: Session, observations: dict[str, Any], count: int
 ) -> None:
@@ -97,6 +117,7 @@ def test_a_windowed_walk_finds_what_the_unit_may_see(
     assert ascending == list(reversed(observations["visible"]))[:count]
 
 
+@pytest.mark.usefixtures("patient_test")
 def test_an_unbounded_walk_finds_what_the_unit_may_see(
     session: Session, observations: dict[str, Any]
 ) -> None:
@@ -111,16 +132,14 @@ def test_an_unbounded_walk_finds_what_the_unit_may_see(
     assert [i for i in elsewhere if i in ours] == [observations["made"]["nobody"]]
 
 
-def test_the_walk_reads_no_resource_of_another_units_single_patient(
-    session: Session, observations: dict[str, Any]
-) -> None:
+def _walk_plan(session: Session) -> dict[str, Any]:
+    """Return EXPLAIN ANALYZE of the unit's windowed walk, run with its own parameters."""
     parsed = parse_search(["Observation"], [*WINDOW, ("_sort", "-date")], base_url=BASE)
-    scope = caller_scope(UNIT)
     statement = repository.first_page_statement(
         criteria=parsed.criteria,
         sort=parsed.sort,
         limit=10,
-        scope=scope,
+        scope=caller_scope(UNIT),
         walk_dates=True,
         walk_sort_dates=False,
     )
@@ -128,20 +147,57 @@ def test_the_walk_reads_no_resource_of_another_units_single_patient(
     # Written into the SQL, so that even a generic plan knows the hashed set's bound.
     assert f"LIMIT {policy.HASHED_PATIENTS}" in str(compiled)
     explain = f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}"
-    plan = session.connection().exec_driver_sql(explain, dict(compiled.params)).scalar_one()
+    plan: dict[str, Any] = (
+        session.connection().exec_driver_sql(explain, dict(compiled.params)).scalar_one()[0]
+    )
+    return plan["Plan"]
 
-    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
 
+def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _nodes(child))]
+
+
+@pytest.mark.usefixtures("patient_test")
+def test_the_walk_reads_no_resource_of_another_units_single_patient(
+    session: Session, observations: dict[str, Any]
+) -> None:
     checked = [
         n
-        for n in nodes(plan[0]["Plan"])
+        for n in _nodes(_walk_plan(session))
         if n.get("Relation Name") == "fhir_resource" and n.get("Alias") == "r"
     ]
     assert checked
     read = sum(n["Actual Loops"] for n in checked if n["Actual Loops"])
     # The four it may see are read; the twenty of `first` alone are not.
     assert read <= len(observations["visible"])
+
+
+def test_a_walk_within_its_probed_rows_neither_counts_nor_hashes_the_patients(
+    session: Session, observations: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probed one by one, the window's 24 rows cost less than the caller's hash would."""
+    del observations
+    monkeypatch.setattr(repository, "_TEMPLATES", {})
+
+    def whole_set_reads(plan: dict[str, Any]) -> list[int]:
+        """Return the loops of the subplans that read all the caller's patients.
+
+        The count (LIMIT 1 OFFSET bound) and the hashed set (LIMIT bound); the
+        probes read one care row each.
+        """
+        return [
+            n["Actual Loops"]
+            for n in _nodes(plan)
+            if n.get("Parent Relationship") in ("InitPlan", "SubPlan")
+            and n["Node Type"] == "Limit"
+            and any(m.get("Relation Name") == "care_relationship" for m in _nodes(n))
+        ]
+
+    assert whole_set_reads(_walk_plan(session)) == [0, 0]
+    # Past the probed rows, the count runs once and the hash is built once.
+    monkeypatch.setattr(policy, "PROBED_ROWS", 1)
+    monkeypatch.setattr(repository, "_TEMPLATES", {})
+    assert whole_set_reads(_walk_plan(session)) == [1, 1]
 
 
 def test_an_administrator_whose_token_narrows_the_types_walks_every_patient(
@@ -151,18 +207,6 @@ def test_an_administrator_whose_token_narrows_the_types_walks_every_patient(
     assert scope.condition is not None
     found = _found(session, [*WINDOW, ("_sort", "-date")], 50, scope)
     assert sorted(found) == sorted(observations["visible"] + observations["hidden"])
-
-
-def test_a_unit_with_more_patients_than_the_hash_holds_still_sees_them_all(
-    session: Session, observations: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The unit cares for two patients; a hash of one leaves the other to the probe.
-    monkeypatch.setattr(policy, "HASHED_PATIENTS", 1)
-    monkeypatch.setattr(repository, "_TEMPLATES", {})
-    for order in ("-date", "date"):
-        found = _found(session, [*WINDOW, ("_sort", order)], 50)
-        expected = observations["visible"]
-        assert found == (expected if order == "-date" else list(reversed(expected)))
 
 
 def test_which_types_have_at_most_one_patient() -> None:
