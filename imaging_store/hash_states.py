@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+from collections.abc import Iterator
 from typing import Protocol
 
 # sizeof(SHA256_CTX): h[8], Nl, Nh, data[16], num, md_len, all 32-bit.
@@ -58,10 +59,16 @@ class _Functions:
             function.restype = ctypes.c_int
 
 
+def _library_names() -> Iterator[str]:
+    # The usual names first: find_library runs ldconfig or a compiler to search.
+    yield from ("libcrypto.so.3", "libcrypto.3.dylib")
+    found = ctypes.util.find_library("crypto")
+    if found is not None:
+        yield found
+
+
 def _load_functions() -> dict[str, _Functions] | None:
-    for name in (ctypes.util.find_library("crypto"), "libcrypto.so.3", "libcrypto.dylib"):
-        if name is None:
-            continue
+    for name in _library_names():
         try:
             library = ctypes.CDLL(name)
             return {algorithm: _Functions(library, algorithm) for algorithm in _DIGEST_BYTES}

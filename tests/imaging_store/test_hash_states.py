@@ -9,14 +9,16 @@ import sys
 
 import pytest
 
+from imaging_store import hash_states, service
 from imaging_store.hash_states import RESUMABLE, SHA256_STATE_BYTES, ResumableHash, new_hash
 from imaging_store.service import ContentDigests
 
-pytestmark = pytest.mark.skipif(not RESUMABLE, reason="libcrypto's digest contexts not loadable")
+needs_libcrypto = pytest.mark.skipif(not RESUMABLE, reason="no libcrypto digest contexts")
 
 DATA = random.Random(7).randbytes(200_003)  # noqa: S311 - test data
 
 
+@needs_libcrypto
 @pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
 @pytest.mark.parametrize("cut", [0, 1, 63, 64, 65, 100_000, 200_003])
 def test_a_state_taken_up_anywhere_in_a_block_gives_hashlibs_digest(
@@ -33,6 +35,7 @@ def test_a_state_taken_up_anywhere_in_a_block_gives_hashlibs_digest(
     assert running.digest() == taken_up.digest()
 
 
+@needs_libcrypto
 def test_a_state_saved_by_another_process_is_taken_up_here() -> None:
     script = (
         "import sys; from imaging_store.hash_states import ResumableHash;"
@@ -47,11 +50,13 @@ def test_a_state_saved_by_another_process_is_taken_up_here() -> None:
     assert taken_up.digest() == hashlib.sha256(DATA).digest()
 
 
+@needs_libcrypto
 def test_a_state_of_the_wrong_size_is_refused() -> None:
     with pytest.raises(ValueError, match="112 bytes"):
         ResumableHash("sha256", state=b"\0" * (SHA256_STATE_BYTES - 1))
 
 
+@needs_libcrypto
 def test_copies_go_on_independently() -> None:
     first = new_hash("sha1")
     first.update(b"abc")
@@ -61,6 +66,7 @@ def test_copies_go_on_independently() -> None:
     assert second.digest() == hashlib.sha1(b"abcdef").digest()  # noqa: S324
 
 
+@needs_libcrypto
 def test_content_digests_resume_with_their_head_size_and_text_state() -> None:
     text = "Résumé لمريض ".encode() * 1_000
     # Cut inside a two-byte character: the decoder's pending byte is part of the state.
@@ -78,6 +84,7 @@ def test_content_digests_resume_with_their_head_size_and_text_state() -> None:
     assert (resumed.sha256, resumed.sha1) == (whole.sha256, whole.sha1)
 
 
+@needs_libcrypto
 def test_content_digests_resume_knows_binary_content_is_not_text() -> None:
     before = ContentDigests()
     before.feed(b"\xff\xd8\xff\xe0 a JPEG")
@@ -99,3 +106,15 @@ def test_an_unreadable_state_is_not_taken_up(damage: str) -> None:
         "empty": b"",
     }[damage]
     assert ContentDigests.resume(damaged) is None
+
+
+def test_without_libcrypto_digests_are_hashlibs_and_have_no_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hash_states, "RESUMABLE", False)
+    monkeypatch.setattr(service, "RESUMABLE", False)
+    digests = ContentDigests()
+    digests.feed(b"some bytes")
+    assert digests.sha256 == hashlib.sha256(b"some bytes").digest()
+    assert digests.state() is None
+    assert ContentDigests.resume(b"anything") is None
