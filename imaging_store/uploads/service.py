@@ -675,11 +675,15 @@ def _stage_body(
         nonlocal multipart_upload_id
         if multipart_upload_id is None:
             multipart_upload_id = _open_multipart(storage, claim, token=token)
+        # One copy of the part (a bytearray slice, then bytes, would be two);
+        # the view is released before the buffer is cut.
+        with memoryview(buffer) as view:
+            data = bytes(view[:size])
         etag = storage.upload_part(
             key,
             multipart_upload_id=multipart_upload_id,
             part_number=len(parts) + 1,
-            data=bytes(buffer[:size]),
+            data=data,
             sha256=sha256,
         )
         parts.append({"number": len(parts) + 1, "etag": etag, "size": size})
