@@ -147,10 +147,9 @@ def _walk_plan(session: Session) -> dict[str, Any]:
     # Written into the SQL, so that even a generic plan knows the hashed set's bound.
     assert f"LIMIT {policy.HASHED_PATIENTS}" in str(compiled)
     explain = f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}"
-    plan: dict[str, Any] = (
-        session.connection().exec_driver_sql(explain, dict(compiled.params)).scalar_one()[0]
-    )
-    return plan["Plan"]
+    explained = session.connection().exec_driver_sql(explain, dict(compiled.params))
+    top: dict[str, Any] = explained.scalar_one()[0]["Plan"]
+    return top
 
 
 def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
