@@ -11,7 +11,9 @@ are taken up wherever the next PATCH lands, with OpenSSL's own speed.
 The struct layout is checked when this module loads: a state saved mid-block
 and taken up in a fresh context must give hashlib's digest. If libcrypto, its
 functions or that check fail, `RESUMABLE` is False and callers keep hashlib
-(and read back instead).
+(and read back instead). OpenSSL trusts a context's fields (a block position
+past 64 writes past the context), so a saved state is taken up only if its
+fields agree with the number of bytes it claims to cover.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import struct
+import sys
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -31,6 +35,12 @@ _SHA1_STATE_BYTES = 96
 _CONTEXT_BYTES = 512
 _DIGEST_BYTES = {"sha256": 32, "sha1": 20}
 _STATE_BYTES = {"sha256": SHA256_STATE_BYTES, "sha1": _SHA1_STATE_BYTES}
+# Where the bit count (Nl, Nh), the block position (num) and, for SHA-256, the
+# digest length (md_len) sit in each struct, as native 32-bit integers.
+_BIT_COUNT_AT = {"sha256": 32, "sha1": 20}
+_BLOCK_POSITION_AT = {"sha256": 104, "sha1": 92}
+_SHA256_MD_LEN_AT = 108
+_BLOCK_BYTES = 64
 _FUNCTION_PREFIX = {"sha256": "SHA256", "sha1": "SHA1"}
 
 
@@ -60,11 +70,14 @@ class _Functions:
 
 
 def _library_names() -> Iterator[str]:
-    # The usual names first: find_library runs ldconfig or a compiler to search.
-    yield from ("libcrypto.so.3", "libcrypto.3.dylib")
-    found = ctypes.util.find_library("crypto")
-    if found is not None:
-        yield found
+    # Versioned names first: find_library runs ldconfig or a compiler to search.
+    yield from ("libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.3.dylib")
+    # On macOS it finds the system's unversioned libcrypto, whose loading
+    # aborts the process (no exception to catch).
+    if sys.platform != "darwin":
+        found = ctypes.util.find_library("crypto")
+        if found is not None:
+            yield found
 
 
 def _load_functions() -> dict[str, _Functions] | None:
@@ -85,7 +98,10 @@ class ResumableHash:
 
     __slots__ = ("_algorithm", "_context", "_functions")
 
-    def __init__(self, algorithm: str, *, state: bytes | None = None) -> None:
+    def __init__(
+        self, algorithm: str, *, state: bytes | None = None, size: int | None = None
+    ) -> None:
+        """Start afresh, or take up `state` covering `size` bytes (ValueError if it cannot)."""
         if _FUNCTIONS is None:
             raise RuntimeError("libcrypto's digest functions are not available")
         self._algorithm = algorithm
@@ -95,13 +111,16 @@ class ResumableHash:
             if self._functions.init(self._context) != 1:
                 raise RuntimeError(f"{algorithm} could not start")
         else:
-            if len(state) != _STATE_BYTES[algorithm]:
-                raise ValueError(f"a {algorithm} state is {_STATE_BYTES[algorithm]} bytes")
+            if size is None or not _consistent(algorithm, state, size):
+                raise ValueError(f"not a {algorithm} state of {size} bytes")
             ctypes.memmove(self._context, state, len(state))
 
     def update(self, data: bytes, /) -> None:
         """Hash the next bytes (ctypes lets other threads run meanwhile)."""
-        if self._functions.update(self._context, bytes(data), len(data)) != 1:
+        if not isinstance(data, bytes):
+            # Counted in bytes, whatever the buffer's item size.
+            data = memoryview(data).cast("B").tobytes()
+        if self._functions.update(self._context, data, len(data)) != 1:
             raise RuntimeError(f"{self._algorithm} failed")
 
     def digest(self) -> bytes:
@@ -113,12 +132,28 @@ class ResumableHash:
 
     def copy(self) -> ResumableHash:
         """Return an independent copy."""
-        return ResumableHash(self._algorithm, state=self.state)
+        twin = ResumableHash(self._algorithm)
+        ctypes.memmove(twin._context, self._context, _CONTEXT_BYTES)
+        return twin
 
     @property
     def state(self) -> bytes:
         """Return the running state, for `ResumableHash(algorithm, state=...)` elsewhere."""
         return self._context.raw[: _STATE_BYTES[self._algorithm]]
+
+
+def _consistent(algorithm: str, state: bytes, size: int) -> bool:
+    """Tell whether a saved state is one this layout wrote after hashing `size` bytes."""
+    if len(state) != _STATE_BYTES[algorithm] or size < 0:
+        return False
+    low, high = struct.unpack_from("=II", state, _BIT_COUNT_AT[algorithm])
+    (position,) = struct.unpack_from("=I", state, _BLOCK_POSITION_AT[algorithm])
+    if (high << 32 | low) != (size * 8) % (1 << 64) or position != size % _BLOCK_BYTES:
+        return False
+    if algorithm == "sha256":
+        (digest_length,) = struct.unpack_from("=I", state, _SHA256_MD_LEN_AT)
+        return bool(digest_length == _DIGEST_BYTES["sha256"])
+    return True
 
 
 def _layout_holds() -> bool:
@@ -131,7 +166,7 @@ def _layout_holds() -> bool:
             running = ResumableHash(algorithm)
             # 100 bytes: one whole 64-byte block and a part of the next.
             running.update(data[:100])
-            taken_up = ResumableHash(algorithm, state=running.state)
+            taken_up = ResumableHash(algorithm, state=running.state, size=100)
             taken_up.update(data[100:])
             if taken_up.digest() != hashlib.new(algorithm, data).digest():
                 return False

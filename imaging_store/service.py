@@ -69,10 +69,11 @@ JSONObject = dict[str, Any]
 # so concurrent 25 MB uploads do not each hold 25 MB of RAM.
 SPOOL_MEMORY_BYTES = 1024 * 1024
 # A saved ContentDigests: version, size, UTF-8 validity, the decoder's flag and
-# the lengths of its pending bytes and of the head; then those bytes, the head,
-# and the SHA-256 and SHA-1 states.
-_STATE_HEADER = struct.Struct("<BQ?QBH")
-_STATE_VERSION = 1
+# the length of its pending bytes; then those bytes and the SHA-256 and SHA-1
+# states. Not the head: content stays out of the database, but for the few
+# bytes of an unfinished block or character that a running state holds.
+_STATE_HEADER = struct.Struct("<BQ?QB")
+_STATE_VERSION = 2
 # RFC 9530 algorithms Waha verifies, by their registered names.
 _DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512"}
 _DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9_\-*.]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$")
@@ -211,13 +212,15 @@ class ContentDigests:
         self._head = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._valid_text = True
+        # False once taken up from a saved state, which leaves the head out.
+        self.head_known = True
 
     def feed(self, chunk: bytes) -> None:
         """Take the next chunk."""
         self.size += len(chunk)
         self._sha256.update(chunk)
         self._sha1.update(chunk)
-        if len(self._head) < HEAD_BYTES:
+        if self.head_known and len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
         if self._valid_text:
             try:
@@ -236,6 +239,7 @@ class ContentDigests:
         twin._head = bytearray(self._head)
         twin._decoder.setstate(self._decoder.getstate())
         twin._valid_text = self._valid_text
+        twin.head_known = self.head_known
         return twin
 
     def state(self) -> bytes | None:
@@ -243,55 +247,42 @@ class ContentDigests:
         if not isinstance(self._sha256, ResumableHash) or not isinstance(self._sha1, ResumableHash):
             return None
         pending, flag = self._decoder.getstate()
-        return b"".join(
-            (
-                _STATE_HEADER.pack(
-                    _STATE_VERSION,
-                    self.size,
-                    self._valid_text,
-                    flag,
-                    len(pending),
-                    len(self._head),
-                ),
-                pending,
-                bytes(self._head),
-                self._sha256.state,
-                self._sha1.state,
-            )
-        )
+        header = _STATE_HEADER.pack(_STATE_VERSION, self.size, self._valid_text, flag, len(pending))
+        return b"".join((header, pending, self._sha256.state, self._sha1.state))
 
     @classmethod
-    def resume(cls, state: bytes) -> ContentDigests | None:
-        """Take up a state from `state()`, possibly another process's; None if unreadable here."""
+    def resume(cls, state: bytes, *, size: int) -> ContentDigests | None:
+        """Take up a state of `size` bytes from `state()`, maybe another process's.
+
+        None when it cannot be: unreadable here, or not of `size` bytes. The
+        head is not in the state: `head_known` is False from then on.
+        """
         if not RESUMABLE:
             return None
         try:
-            version, size, valid_text, flag, pending_bytes, head_bytes = _STATE_HEADER.unpack_from(
-                state
-            )
-            if version != _STATE_VERSION:
+            version, saved_size, valid_text, flag, pending_bytes = _STATE_HEADER.unpack_from(state)
+            if version != _STATE_VERSION or saved_size != size:
                 return None
             start = _STATE_HEADER.size
             pending = state[start : start + pending_bytes]
             start += pending_bytes
-            head = state[start : start + head_bytes]
-            start += head_bytes
-            sha256 = ResumableHash("sha256", state=state[start : start + SHA256_STATE_BYTES])
-            sha1 = ResumableHash("sha1", state=state[start + SHA256_STATE_BYTES :])
+            sha256_state = state[start : start + SHA256_STATE_BYTES]
+            sha256 = ResumableHash("sha256", state=sha256_state, size=size)
+            sha1 = ResumableHash("sha1", state=state[start + SHA256_STATE_BYTES :], size=size)
         except (struct.error, ValueError):
             return None
         digests = cls()
         digests.size = size
         digests._valid_text = valid_text
         digests._decoder.setstate((pending, flag))
-        digests._head = bytearray(head)
+        digests.head_known = False
         digests._sha256 = sha256
         digests._sha1 = sha1
         return digests
 
     @property
     def head(self) -> bytes:
-        """Return the leading bytes the type sniffers look at."""
+        """Return the leading bytes the type sniffers look at (empty unless `head_known`)."""
         return bytes(self._head)
 
     @property

@@ -217,14 +217,14 @@ class BinaryStorage:
             sse=SseS3() if encrypt else None,
         )
 
-    def open(self, key: str) -> Iterator[bytes]:
-        """Start reading an object; return an iterator over its bytes in chunks.
+    def open(self, key: str, *, length: int = 0) -> Iterator[bytes]:
+        """Start reading an object (its first `length` bytes if given); iterate over chunks.
 
         The store is contacted before this returns, so an outage surfaces as
         StorageUnavailable here rather than as a broken response stream.
         """
         try:
-            response = self.client.get_object(self.config.bucket, key)
+            response = self.client.get_object(self.config.bucket, key, length=length)
         except S3Error as error:
             if error.code in ("NoSuchKey", "NoSuchBucket"):
                 raise ObjectMissing(key) from None
@@ -337,6 +337,10 @@ class BinaryStorage:
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store a small object held in memory (a staged tail under 5 MiB)."""
         self.put(key, io.BytesIO(data), length=len(data), content_type="application/octet-stream")
+
+    def read_head(self, key: str, length: int) -> bytes:
+        """Return an object's first `length` bytes (all of it if shorter)."""
+        return b"".join(self.open(key, length=length))
 
     def read_small(self, key: str) -> bytes:
         """Return a small object's bytes whole (staged tails under 5 MiB, never a Binary)."""

@@ -59,7 +59,8 @@ class TusUploadRow(Base):
     tail_key: Mapped[str | None] = mapped_column(Text)
     tail_size: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     # The running digests (ContentDigests.state) at upload_offset, so that the
-    # next PATCH goes on hashing in whichever API process it reaches.
+    # next PATCH goes on hashing in whichever API process it reaches. No
+    # content but an unfinished hash block's bytes (under 64); cleared when done.
     digest_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Set while one PATCH streams; keeps a second PATCH out without holding a
     # transaction open for the whole body.

@@ -26,12 +26,15 @@ upload, once completed, cannot take its parts again, so its last PATCH
 records the full offset first (state `assembling`); HEAD or a retry then
 finishes it.
 
-An upload is hashed, sniffed and UTF-8-checked as it streams, whichever API
-process each PATCH reaches: the running state (SHA-256 and SHA-1 contexts,
-the head kept for sniffing, the UTF-8 decoder's) is recorded with the offset
-it covers, in the same transaction, and the next PATCH takes it up. Only
-where the hash contexts cannot be saved (no libcrypto to load) does
-completion re-read the assembled object once, streamed, for the same.
+An upload is hashed and UTF-8-checked as it streams, whichever API process
+each PATCH reaches: the running state (SHA-256 and SHA-1 contexts, the UTF-8
+decoder's) is recorded with the offset it covers, in the same transaction,
+and the next PATCH takes it up if it covers exactly the bytes up to the
+offset. The state holds no content but the bytes of an unfinished hash block
+(under 64): the leading bytes that sniffing needs are read from the object
+(8 KiB) at completion. Only where a state cannot be saved or taken up (no
+libcrypto to load, a state left behind by a process that knows none)
+does completion re-read the whole object once, streamed.
 
 Staged tails are removed by key as soon as a later PATCH has consumed them.
 One left behind by a PATCH that failed between staging and recording goes
@@ -67,7 +70,7 @@ from imaging_store import repository as binary_repository
 from imaging_store.errors import ContentTypeNotAllowed, StorageUnavailable
 from imaging_store.models import BinaryObjectRow
 from imaging_store.service import Caller, ContentDigests
-from imaging_store.sniffing import sniff_content_type
+from imaging_store.sniffing import HEAD_BYTES, sniff_content_type
 from imaging_store.storage import BinaryStorage, object_key
 from imaging_store.uploads import repository
 from imaging_store.uploads.errors import (
@@ -360,12 +363,17 @@ def _now() -> datetime:
 
 
 def _resume_digests(claim: _Claim) -> ContentDigests | None:
-    """Return digests to go on from at the claim's offset: fresh at 0, else its recorded state."""
+    """Return digests to go on from at the claim's offset: fresh at 0, else its recorded state.
+
+    None when the recorded state is missing or not of exactly the bytes up to
+    the offset (a process that knows no state moved the offset on): completion
+    then reads the object back.
+    """
     if claim.offset == 0:
         return ContentDigests()
     if claim.digest_state is None:
         return None
-    return ContentDigests.resume(claim.digest_state)
+    return ContentDigests.resume(claim.digest_state, size=claim.offset)
 
 
 def _digest_state(digests: ContentDigests | None) -> bytes | None:
@@ -594,9 +602,7 @@ def _receive_leased(
                 # Put whole by this PATCH, every byte hashed: one transaction
                 # records the offset and the Binary. Should it fail, the upload
                 # stays at its old offset and a retry puts the same key again.
-                content_type = _sniff_or_purge(
-                    storage, upload_id, staged.digests, caller, token=token
-                )
+                content_type = _sniff_or_purge(storage, claim, staged.digests, caller, token=token)
                 with session_scope() as session:
                     row = _leased_row(session, upload_id, token)
                     row.upload_offset = staged.offset
@@ -796,7 +802,7 @@ def _assemble(
         with session_scope() as session:
             claim = _Claim.of(_leased_row(session, upload_id, token))
     if digests is None and claim.digest_state is not None:
-        digests = ContentDigests.resume(claim.digest_state)
+        digests = ContentDigests.resume(claim.digest_state, size=claim.length)
     key = object_key(claim.binary_id)
     if claim.multipart_upload_id is None:
         # Stored whole by one PUT; only an interrupted completion needs to check.
@@ -815,7 +821,7 @@ def _assemble(
         digests = ContentDigests()
         for chunk in storage.open(key):
             digests.feed(chunk)
-    content_type = _sniff_or_purge(storage, upload_id, digests, caller, token=token)
+    content_type = _sniff_or_purge(storage, claim, digests, caller, token=token)
     with session_scope() as session:
         status = _finish(
             session,
@@ -830,15 +836,22 @@ def _assemble(
 
 def _sniff_or_purge(
     storage: BinaryStorage,
-    upload_id: str,
+    claim: _Claim,
     digests: ContentDigests,
     caller: Caller,
     *,
     token: uuid.UUID,
 ) -> str:
     """Return the stored upload's sniffed type; refused content is purged with its upload."""
+    upload_id = claim.id
+    # Digests taken up from a recorded state have no head: it is read from the object.
+    head = (
+        digests.head
+        if digests.head_known
+        else storage.read_head(object_key(claim.binary_id), HEAD_BYTES)
+    )
     try:
-        return sniff_content_type(digests.head, valid_text=digests.valid_text)
+        return sniff_content_type(head, valid_text=digests.valid_text)
     except ContentTypeNotAllowed:
         # Refused content is purged at once, not left for the sweep; only under
         # the lease, or a PATCH that stalled past it would purge its retry's upload.

@@ -26,6 +26,7 @@ from tusclient.exceptions import TusCommunicationError
 from hub.settings import Settings
 from imaging_store.errors import StorageUnavailable
 from imaging_store.service import Caller, ContentDigests, binary_storage
+from imaging_store.sniffing import HEAD_BYTES
 from imaging_store.storage import BinaryStorage
 from imaging_store.uploads import service as uploads_service
 from imaging_store.uploads.errors import UploadBusy
@@ -615,10 +616,24 @@ def test_refused_content_is_purged_only_under_the_patchs_own_lease(
     refused = ContentDigests()
     refused.feed(samples.HTML)
     # A PATCH that stalled past its lease: a retry may own the upload by now.
+    row = _upload_row(committed, upload_url)
+    assert row is not None
+    claim = uploads_service._Claim(  # noqa: SLF001 - the step under test
+        id=upload_id,
+        state=row["state"],
+        length=row["length"],
+        offset=row["upload_offset"],
+        binary_id=row["binary_id"],
+        multipart_upload_id=None,
+        parts=[],
+        tail_key=None,
+        tail_size=0,
+        digest_state=None,
+    )
     with pytest.raises(UploadBusy):
         uploads_service._sniff_or_purge(
             binary_storage(settings),
-            upload_id,
+            claim,
             refused,
             Caller(client_id="unit-01", author="Device/unit-01", request_id="stalled"),
             token=uuid.uuid4(),
@@ -809,24 +824,36 @@ def _binary_object(engine: Engine, binary: str) -> Any:
         ).one()
 
 
-def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
-    uploads_url: str, auth_headers: Headers, committed: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    reads: list[str] = []
+@pytest.fixture
+def object_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record every object read: (key, length asked, 0 for all of it)."""
+    reads: list[tuple[str, int]] = []
     original_open = BinaryStorage.open
 
-    def recording_open(storage: BinaryStorage, key: str) -> Iterator[bytes]:
-        reads.append(key)
-        return original_open(storage, key)
+    def recording_open(storage: BinaryStorage, key: str, *, length: int = 0) -> Iterator[bytes]:
+        reads.append((key, length))
+        return original_open(storage, key, length=length)
 
     monkeypatch.setattr(BinaryStorage, "open", recording_open)
+    return reads
+
+
+def _read_back(reads: list[tuple[str, int]]) -> list[str]:
+    """Return the Binary objects read whole (a head read for sniffing is not one)."""
+    return [key for key, length in reads if key.startswith("binaries/") and length == 0]
+
+
+def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
+    uploads_url: str, auth_headers: Headers, committed: Engine, object_reads: list[tuple[str, int]]
+) -> None:
+    reads = object_reads
     headers = auth_headers("unit-01")
     whole = _content(300_000)
     upload_url = _create(uploads_url, len(whole), headers)
     finished = _patch(upload_url, whole, 0, headers)
     assert finished.status_code == 204, finished.text
     # Completion read nothing back: the one PATCH saw every byte.
-    assert not [key for key in reads if key.startswith("binaries/")]
+    assert not [key for key, _ in reads if key.startswith("binaries/")]
     stored = _binary_object(committed, finished.headers["Waha-Binary"])
     assert bytes(stored.sha256) == hashlib.sha256(whole).digest()
     assert bytes(stored.sha1) == hashlib.sha1(whole).digest()  # noqa: S324 - R4 Attachment.hash
@@ -837,7 +864,9 @@ def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
     assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
     finished = _patch(upload_url, whole[100_000:], 100_000, headers)
     assert finished.status_code == 204, finished.text
-    assert not [key for key in reads if key.startswith("binaries/")]
+    # Only the head is read, for sniffing: a recorded state does not keep it.
+    assert not _read_back(reads)
+    assert [length for key, length in reads if key.startswith("binaries/")] == [HEAD_BYTES]
     again = _binary_object(committed, finished.headers["Waha-Binary"])
     assert (bytes(again.sha256), bytes(again.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
 
@@ -847,9 +876,23 @@ def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
     assert _patch(upload_url, whole[:100_000], 0, headers).status_code == 204
     row = _upload_row(committed, upload_url)
     assert row is not None
-    recorded = ContentDigests.resume(bytes(row["digest_state"]))
+    first_state = bytes(row["digest_state"])
+    recorded = ContentDigests.resume(first_state, size=100_000)
     assert recorded is not None
-    assert (recorded.size, recorded.sha256) == (100_000, hashlib.sha256(whole[:100_000]).digest())
+    assert recorded.sha256 == hashlib.sha256(whole[:100_000]).digest()
+    # A state that is not of the bytes up to the offset (one a process that
+    # knows no states left behind) is not taken up: the object is read back.
+    assert _patch(upload_url, whole[100_000:200_000], 100_000, headers).status_code == 204
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE tus_upload SET digest_state = :state WHERE id = :id"),
+            {"state": first_state, "id": upload_url.rsplit("/", 1)[1]},
+        )
+    finished = _patch(upload_url, whole[200_000:], 200_000, headers)
+    assert finished.status_code == 204, finished.text
+    assert len(_read_back(reads)) == 1
+    stale = _binary_object(committed, finished.headers["Waha-Binary"])
+    assert (bytes(stale.sha256), bytes(stale.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
 
     # An upload recorded without them (where the hash state cannot be saved)
     # is read back once at completion, with the same result.
@@ -862,26 +905,23 @@ def test_an_upload_sent_in_one_patch_is_hashed_as_it_streams(
         )
     finished = _patch(upload_url, whole[100_000:], 100_000, headers)
     assert finished.status_code == 204, finished.text
-    assert len([key for key in reads if key.startswith("binaries/")]) == 1
+    assert len(_read_back(reads)) == 2
     third = _binary_object(committed, finished.headers["Waha-Binary"])
     assert (bytes(third.sha256), bytes(third.sha1)) == (bytes(stored.sha256), bytes(stored.sha1))
 
 
 def test_a_completion_retried_after_an_outage_takes_up_the_recorded_digests(
-    uploads_url: str, auth_headers: Headers, committed: Engine, monkeypatch: pytest.MonkeyPatch
+    uploads_url: str,
+    auth_headers: Headers,
+    committed: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    object_reads: list[tuple[str, int]],
 ) -> None:
-    reads: list[str] = []
-    original_open = BinaryStorage.open
     original_complete = BinaryStorage.complete_multipart
-
-    def recording_open(storage: BinaryStorage, key: str) -> Iterator[bytes]:
-        reads.append(key)
-        return original_open(storage, key)
 
     def failing_complete(storage: BinaryStorage, *args: Any, **kwargs: Any) -> bool:
         raise StorageUnavailable("object storage is unreachable")
 
-    monkeypatch.setattr(BinaryStorage, "open", recording_open)
     headers = auth_headers("unit-01")
     content = _content(PART_BYTES + 1_000)
     upload_url = _create(uploads_url, len(content), headers)
@@ -901,7 +941,7 @@ def test_a_completion_retried_after_an_outage_takes_up_the_recorded_digests(
     row = _upload_row(committed, upload_url)
     assert row is not None
     assert (row["state"], row["digest_state"]) == ("completed", None)
-    assert not [key for key in reads if key.startswith("binaries/")]
+    assert not _read_back(object_reads)
     stored = _binary_object(committed, f"Binary/{row['binary_id']}")
     assert bytes(stored.sha256) == hashlib.sha256(content).digest()
     assert bytes(stored.sha1) == hashlib.sha1(content).digest()  # noqa: S324 - R4 Attachment.hash
