@@ -401,7 +401,7 @@ def test_a_new_client_resumes_from_the_server_offset(
 
 
 def test_a_dropped_connection_keeps_the_bytes_received(
-    uploads_url: str, auth_headers: Headers
+    uploads_url: str, auth_headers: Headers, committed: Engine
 ) -> None:
     content = _content(300_000)
     headers = auth_headers("unit-01")
@@ -435,6 +435,11 @@ def test_a_dropped_connection_keeps_the_bytes_received(
     assert finished.status_code == 204, finished.text
     base = uploads_url.removesuffix("/imaging/uploads")
     assert _stored_bytes(base, finished.headers["Waha-Binary"], headers) == content
+    # Hashed across the drop: the digests went on from the bytes recorded.
+    stored = _binary_object(committed, finished.headers["Waha-Binary"])
+    assert bytes(stored.sha256) == hashlib.sha256(content).digest()
+    assert bytes(stored.sha1) == hashlib.sha1(content).digest()  # noqa: S324 - R4 Attachment.hash
+    assert (stored.size, stored.content_type) == (len(content), "image/jpeg")
 
 
 def test_checksum_mismatch_discards_the_chunk(uploads_url: str, auth_headers: Headers) -> None:
