@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import pytest
@@ -130,6 +131,49 @@ def test_an_unbounded_walk_finds_what_the_unit_may_see(
     assert any(isinstance(k, tuple) and k[0] == "sort walk" for k in repository._TEMPLATES)
     elsewhere = _found(session, [("_sort", "-date")], 1000, caller_scope("walk-scope-other"))
     assert [i for i in elsewhere if i in ours] == [observations["made"]["nobody"]]
+
+
+def _bundle(session: Session, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    found: dict[str, Any] = orjson.loads(
+        orjson.dumps(
+            search(
+                session,
+                resource_type="Observation",
+                pairs=pairs,
+                base_url=BASE,
+                scope=caller_scope(UNIT),
+            )
+        )
+    )
+    return found
+
+
+def _link(bundle: dict[str, Any], relation: str) -> list[tuple[str, str]] | None:
+    for link in bundle.get("link", []):
+        if link["relation"] == relation:
+            return parse_qsl(urlsplit(link["url"]).query)
+    return None
+
+
+@pytest.mark.parametrize("order", ["-date", "date"])
+@pytest.mark.usefixtures("patient_test")
+def test_pages_after_a_cursor_and_back_find_what_the_unit_may_see(
+    session: Session, observations: dict[str, Any], order: str
+) -> None:
+    """Each page's rows are numbered from its cursor: probes, then the hash, on every page."""
+    expected = observations["visible"]
+    if order == "date":
+        expected = list(reversed(expected))
+    pages = [_bundle(session, [*WINDOW, ("_sort", order), ("_count", "1")])]
+    while (following := _link(pages[-1], "next")) is not None:
+        pages.append(_bundle(session, following))
+    assert [e["resource"]["id"] for page in pages for e in page.get("entry", [])] == expected
+    back = pages[-1]
+    walked_back: list[str] = []
+    while (preceding := _link(back, "previous")) is not None:
+        back = _bundle(session, preceding)
+        walked_back = [e["resource"]["id"] for e in back.get("entry", [])] + walked_back
+    assert walked_back == expected[:-1]
 
 
 def _walk_plan(session: Session) -> dict[str, Any]:
