@@ -208,14 +208,14 @@ class Access:
         )
 
     def patient_condition(
-        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None = None
+        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int]
     ) -> ColumnElement[bool] | None:
         """Return the SQL condition for patients whose records this caller may see (None: all).
 
         A record with patients is visible when one of them passes, so a search
         can test a patient id carried by an index row before fetching the
         resource (`row_condition` stays the rule). `ordinal` numbers the rows
-        tested from 1, when a walk has that number. Same parameters as `row_condition`.
+        in the order they are tested, from 1. Same parameters as `row_condition`.
         """
         if self.unrestricted:
             return None
@@ -241,11 +241,8 @@ class Access:
         # who sees most of them) never pays for either, while one that reads a
         # whole week to find a few rows probes only the first PROBED_ROWS (about
         # the cost of a unit's hash).
-        whens: list[tuple[ColumnElement[bool], ColumnElement[bool]]] = []
-        if ordinal is not None:
-            whens.append((ordinal <= literal_column(str(PROBED_ROWS), Integer), probe))
-        whens.append((few, hashed))
-        return case(*whens, else_=probe)
+        probed = ordinal <= literal_column(str(PROBED_ROWS), Integer)
+        return case((probed, probe), (few, hashed), else_=probe)
 
     @property
     def scope_key(self) -> Hashable:

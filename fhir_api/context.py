@@ -40,7 +40,7 @@ class AccessControl(Protocol):
         """Return the values of the row condition's named parameters."""
 
     def patient_condition(
-        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None = None
+        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int]
     ) -> ColumnElement[bool] | None:
         """Return the SQL condition for patients whose records the caller may see (None: all)."""
 
@@ -67,7 +67,7 @@ class _Unrestricted:
         return {}
 
     def patient_condition(
-        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None = None
+        self, patient_id: ColumnElement[str], ordinal: ColumnElement[int]
     ) -> ColumnElement[bool] | None:
         """See every patient's records."""
         del patient_id, ordinal

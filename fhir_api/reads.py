@@ -58,7 +58,7 @@ def search_scope(access: AccessControl) -> search_service.SearchScope:
         return visible
 
     def patient_condition(
-        patient_id: ColumnElement[str], ordinal: ColumnElement[int] | None
+        patient_id: ColumnElement[str], ordinal: ColumnElement[int]
     ) -> ColumnElement[bool]:
         caller_patients = access.patient_condition(patient_id, ordinal)
         assert caller_patients is not None  # noqa: S101 - a restricted caller's patients are

@@ -138,7 +138,7 @@ class ResumableHash:
 
     @property
     def state(self) -> bytes:
-        """Return the running state, for `ResumableHash(algorithm, state=...)` elsewhere."""
+        """Return the running state, for `ResumableHash(algorithm, state=..., size=...)`."""
         return self._context.raw[: _STATE_BYTES[self._algorithm]]
 
 

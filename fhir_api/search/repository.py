@@ -133,7 +133,7 @@ CLOSED: ColumnElement[str] = literal_column("'[]'")
 DATE_RANGE = func.tstzrange(ROW_START, ROW_END, CLOSED)
 SIDE_TABLES = {"string": STRINGS, "date": DATES, "quantity": QUANTITIES, "uri": URIS}
 ScopeCondition = Callable[[FromClause], ColumnElement[bool]]
-PatientCondition = Callable[[ColumnElement[str], ColumnElement[int] | None], ColumnElement[bool]]
+PatientCondition = Callable[[ColumnElement[str], ColumnElement[int]], ColumnElement[bool]]
 
 
 @dataclass(frozen=True, slots=True)

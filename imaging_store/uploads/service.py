@@ -376,10 +376,6 @@ def _resume_digests(claim: _Claim) -> ContentDigests | None:
     return ContentDigests.resume(claim.digest_state, size=claim.offset)
 
 
-def _digest_state(digests: ContentDigests | None) -> bytes | None:
-    return digests.state() if digests is not None else None
-
-
 def create_upload(
     session: Session,
     *,
@@ -625,7 +621,7 @@ def _receive_leased(
                 row.tail_size = staged.tail_size
                 row.upload_offset = staged.offset
                 # Kept while assembling too: a retried completion takes it up.
-                row.digest_state = _digest_state(staged.digests)
+                row.digest_state = None if staged.digests is None else staged.digests.state()
                 # Each PATCH buys the upload another expiry period.
                 row.expires_at = _now() + settings.expiry
                 if staged.offset == row.length:
