@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from fhir_api.search.geo import DEFAULT_NEAR_KM, KILOMETRES_PER_UNIT
 from fhir_api.search.parser import UNINDEXED
 from fhir_api.search_index import search_parameters_for
 from fhir_api.validation import JSONObject, supported_resource_types
@@ -64,6 +65,18 @@ def _security(issuer: str | None) -> JSONObject:
     return security
 
 
+def _search_param(code: str, param_type: str) -> JSONObject:
+    entry: JSONObject = {"name": code, "type": param_type}
+    if param_type == "special":
+        # `near`, the one R4 special parameter, leaves its details to the server.
+        units = ", ".join(KILOMETRES_PER_UNIT)
+        entry["documentation"] = (
+            "latitude|longitude|distance|units (WGS84, great-circle distance); "
+            f"units: {units} (default km); without a distance: {DEFAULT_NEAR_KM:g} km"
+        )
+    return entry
+
+
 @cache
 def capability_statement(
     base_url: str, software_version: str, issuer: str | None = None
@@ -79,9 +92,7 @@ def capability_statement(
     for resource_type in sorted(supported_resource_types()):
         parameters = sorted(search_parameters_for(resource_type).items())
         search_params = [
-            {"name": code, "type": info.type}
-            for code, info in parameters
-            if info.type != "special" and code not in UNINDEXED
+            _search_param(code, info.type) for code, info in parameters if code not in UNINDEXED
         ]
         references = [code for code, info in parameters if info.type == "reference"]
         entry: JSONObject = {

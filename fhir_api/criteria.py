@@ -17,7 +17,8 @@ from urllib.parse import parse_qsl
 
 from fhir_api.errors import UnsupportedSearch
 from fhir_api.search import parser
-from fhir_api.search_index import IndexValues
+from fhir_api.search.geo import great_circle_km
+from fhir_api.search_index import IndexValues, position_params
 
 # Result-shaping parameters that do not narrow which resources match.
 IGNORED_PARAMETERS = frozenset({"_format", "_pretty", "_summary", "_elements", "_count", "_sort"})
@@ -143,7 +144,7 @@ def _number_matches(
 
 
 def _matches_typed(found: parser.Criterion, index: IndexValues) -> bool:
-    """Evaluate dates and numbers in memory; chains and `_has` need stored data (no match)."""
+    """Evaluate dates, numbers and `near` in memory; chains and `_has` need stored data."""
     if isinstance(found, parser.DateCriterion) and found.param is not None:
         return any(
             param == found.param and _date_matches(low, high, item)
@@ -158,4 +159,17 @@ def _matches_typed(found: parser.Criterion, index: IndexValues) -> bool:
         )
     if isinstance(found, parser.TokenCriterion):
         return set(found.keys).isdisjoint(index.tokens)  # `:not`
+    if isinstance(found, parser.NearCriterion):
+        return _near_matches(found, index)
     return False
+
+
+def _near_matches(found: parser.NearCriterion, index: IndexValues) -> bool:
+    latitude_param, longitude_param = position_params(found.param)
+    latitudes = [float(row[1]) for row in index.quantities if row[0] == latitude_param]
+    longitudes = [float(row[1]) for row in index.quantities if row[0] == longitude_param]
+    return any(
+        great_circle_km(point.latitude, point.longitude, latitude, longitude) <= point.distance_km
+        for latitude, longitude in zip(latitudes, longitudes, strict=False)
+        for point in found.points
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 
 from alembic import command
 from sqlalchemy import create_engine, make_url, text
 
+from fhir_api.search_index import extract_index
 from hub.cli import alembic_config
 from hub.settings import Settings
 from tests.conftest import ADMIN_URL, OWNER_ROLE
@@ -277,3 +279,43 @@ def test_the_several_patients_index_is_partial_and_rebuilt_after_an_interrupted_
             ).scalar()
         engine.dispose()
         assert left is None
+
+
+def test_locations_stored_before_gain_their_position_rows(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    position = {"latitude": 29.6974, "longitude": -9.7316}
+    placed = {"resourceType": "Location", "id": "l1", "position": position}
+    half = {"resourceType": "Location", "id": "l2", "position": {"longitude": -9.7316}}
+    with _scratch_database(settings, f"waha_positions_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0021")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for document in (placed, half):
+                connection.execute(
+                    text(
+                        "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                        " resource) VALUES ('Location', :id, 1, now(), CAST(:body AS jsonb))"
+                    ),
+                    {"id": document["id"], "body": json.dumps(document)},
+                )
+        command.upgrade(config, "head")
+        # Run twice (as after a downgrade of a later revision): no duplicate rows.
+        command.downgrade(config, "0021")
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT resource_id, param, value, low, high FROM fhir_search_quantity"
+                    " ORDER BY resource_id, param"
+                )
+            ).all()
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("l1", "near$latitude", Decimal("29.6974"), Decimal("29.6974"), Decimal("29.6974")),
+        ("l1", "near$longitude", Decimal("-9.7316"), Decimal("-9.7316"), Decimal("-9.7316")),
+    ]
+    # The same rows as the indexer writes for a Location stored now.
+    written = sorted(row[:4] for row in extract_index(placed).quantities)
+    assert [("l1", *row) for row in written] == [tuple(row) for row in rows]

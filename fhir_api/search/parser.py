@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 from fhir_api.search.errors import InvalidSearch, UnsupportedModifier
+from fhir_api.search.geo import DEFAULT_NEAR_KM, KILOMETRES_PER_UNIT, NearPoint
 from fhir_api.search_index import (
     SearchParameterInfo,
     composite_key,
@@ -21,6 +22,7 @@ from fhir_api.search_index import (
     decimal_range,
     normalize_string,
     of_type_key,
+    position_params,
     reference_query_keys,
     reference_value,
     search_parameters_for,
@@ -138,6 +140,14 @@ class UriCriterion:
 
 
 @dataclass(frozen=True, slots=True)
+class NearCriterion:
+    """Location `near`: the indexed position of `param` lies within any of the circles."""
+
+    param: str
+    points: tuple[NearPoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class MissingCriterion:
     """`:missing`: whether the resource has any index value for `param`."""
 
@@ -187,6 +197,7 @@ Criterion = (
     | DateCriterion
     | NumberCriterion
     | UriCriterion
+    | NearCriterion
     | MissingCriterion
     | ChainCriterion
     | HasCriterion
@@ -333,6 +344,40 @@ def parse_number_value(value: str, name: str, *, quantity: bool) -> NumberCompar
     return NumberComparison(prefix, number, low, high, system, code)
 
 
+def _coordinate(text: str, name: str, what: str, limit: float) -> float:
+    try:
+        number = float(Decimal(text))
+    except InvalidOperation as error:
+        raise InvalidSearch(f"{name}: the {what} is not a decimal number") from error
+    if not -limit <= number <= limit:
+        raise InvalidSearch(f"{name}: the {what} is outside ±{limit:g} degrees")
+    return number
+
+
+def parse_near_value(value: str, name: str) -> NearPoint:
+    """Parse one `near` value, `latitude|longitude[|distance[|units]]`, or raise a 400."""
+    parts = split_unescaped(value, "|")
+    if not 2 <= len(parts) <= 4:
+        raise InvalidSearch(f"{name}: a value is not latitude|longitude|distance|units")
+    latitude = _coordinate(parts[0], name, "latitude", 90.0)
+    longitude = _coordinate(parts[1], name, "longitude", 180.0)
+    distance_text = parts[2] if len(parts) > 2 else ""
+    units = parts[3] if len(parts) > 3 and parts[3] else "km"
+    if units not in KILOMETRES_PER_UNIT:
+        known = ", ".join(KILOMETRES_PER_UNIT)
+        raise InvalidSearch(f"{name}: distance units must be one of the UCUM codes {known}")
+    if not distance_text:
+        # R4: without a distance, what is near is the server's call (and units do not matter).
+        return NearPoint(latitude, longitude, DEFAULT_NEAR_KM)
+    try:
+        distance = Decimal(distance_text)
+    except InvalidOperation as error:
+        raise InvalidSearch(f"{name}: the distance is not a decimal number") from error
+    if not distance.is_finite() or distance < 0:
+        raise InvalidSearch(f"{name}: the distance must be a number of zero or more")
+    return NearPoint(latitude, longitude, float(distance) * KILOMETRES_PER_UNIT[units])
+
+
 def _local_reference(value: str, base_url: str) -> str:
     if base_url and value.startswith(base_url + "/"):
         return value[len(base_url) + 1 :]
@@ -360,7 +405,7 @@ class _Parser:
             values = _values(raw)
             return DateCriterion(None, tuple(parse_date_value(v, name) for v in values))
         info = search_parameters_for(resource_type).get(code)
-        if info is None or info.type == "special" or code in UNINDEXED:
+        if info is None or code in UNINDEXED:
             return None
         if dot:
             if not allow_chain:
@@ -391,11 +436,14 @@ class _Parser:
             "number": "quantity",
             "quantity": "quantity",
             "uri": "uri",
+            # `near`: a position is indexed as its two coordinates, or not at all.
+            "special": "quantity",
         }
         kind = kinds.get(info.type)
         if kind is None:
             raise UnsupportedModifier(f"{info.code}:missing is not supported for {info.type}")
-        return MissingCriterion(info.code, kind, raw == "true")
+        param = position_params(info.code)[0] if info.type == "special" else info.code
+        return MissingCriterion(param, kind, raw == "true")
 
     def _typed(
         self, resource_type: str, info: SearchParameterInfo, modifier: str, raw: str, name: str
@@ -430,6 +478,9 @@ class _Parser:
         if info.type == "composite":
             self._no_modifier(name, modifier)
             return self._composite(resource_type, code, values, name)
+        if info.type == "special":
+            self._no_modifier(name, modifier)
+            return NearCriterion(code, tuple(parse_near_value(v, name) for v in values))
         raise UnsupportedModifier(f"{name}: parameters of type {info.type} are not supported")
 
     def _token(self, code: str, modifier: str, values: list[str], name: str) -> Criterion:

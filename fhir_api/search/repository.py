@@ -7,6 +7,7 @@ and `_has` alike), so the auth layer narrows searches by adding a condition ther
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
     DateTime,
+    Float,
     FromClause,
     Select,
     String,
@@ -54,6 +56,7 @@ from fhir_api.models import (
     SearchStringRow,
     SearchUriRow,
 )
+from fhir_api.search.geo import EARTH_RADIUS_KM, NearPoint
 from fhir_api.search.parser import (
     AllOfCriterion,
     AnyOfCriterion,
@@ -64,6 +67,7 @@ from fhir_api.search.parser import (
     HasCriterion,
     IdCriterion,
     MissingCriterion,
+    NearCriterion,
     NumberComparison,
     NumberCriterion,
     ReferenceCriterion,
@@ -72,7 +76,7 @@ from fhir_api.search.parser import (
     TokenCriterion,
     UriCriterion,
 )
-from fhir_api.search_index import at_most_one_patient, single_valued
+from fhir_api.search_index import at_most_one_patient, position_params, single_valued
 
 RESOURCE = cast(Table, ResourceRow.__table__)
 STRINGS = cast(Table, SearchStringRow.__table__)
@@ -333,6 +337,73 @@ def _number_condition(table: Table, item: NumberComparison) -> ColumnElement[boo
     return condition
 
 
+# Widens the box by ~0.1 mm so that a written coordinate finer than a double
+# still meets the box its double belongs to; the distance test stays exact.
+_BOX_MARGIN = Decimal("1e-9")
+
+
+def _degrees(value: float, margin: Decimal) -> Decimal:
+    # The index holds numerics: bounds of the same type keep it usable (a float
+    # bound would make PostgreSQL compare every row as double precision).
+    return Decimal(repr(value)) + margin
+
+
+def _great_circle_km(
+    latitude: ColumnElement[Any], longitude: ColumnElement[Any], point: NearPoint
+) -> ColumnElement[float]:
+    """Return the haversine distance of a row's position from a point (as geo.great_circle_km)."""
+    phi = func.radians(sql_cast(latitude, Float))
+    half_lat = func.sin((phi - math.radians(point.latitude)) / 2)
+    half_lon = func.sin(func.radians(sql_cast(longitude, Float) - point.longitude) / 2)
+    chord = half_lat * half_lat + (
+        func.cos(phi) * math.cos(math.radians(point.latitude)) * half_lon * half_lon
+    )
+    return 2 * EARTH_RADIUS_KM * func.asin(func.least(1.0, func.sqrt(chord)))
+
+
+def _near(resource: FromClause, criterion: NearCriterion) -> ColumnElement[bool]:
+    latitude_param, longitude_param = position_params(criterion.param)
+    latitude, longitude = QUANTITIES.alias("near_latitude"), QUANTITIES.alias("near_longitude")
+    circles: list[ColumnElement[bool]] = []
+    for point in criterion.points:
+        # The bounding box narrows by index; the great circle decides.
+        south, north = point.latitude_range()
+        box = [
+            and_(
+                longitude.c.value >= _degrees(west, -_BOX_MARGIN),
+                longitude.c.value <= _degrees(east, _BOX_MARGIN),
+            )
+            for west, east in point.longitude_ranges()
+        ]
+        distance = _great_circle_km(latitude.c.value, longitude.c.value, point)
+        circles.append(
+            and_(
+                latitude.c.value >= _degrees(south, -_BOX_MARGIN),
+                latitude.c.value <= _degrees(north, _BOX_MARGIN),
+                or_(*box),
+                distance <= point.distance_km,
+            )
+        )
+    return exists(
+        select(literal(1))
+        .select_from(latitude)
+        .join(
+            longitude,
+            and_(
+                longitude.c.resource_type == latitude.c.resource_type,
+                longitude.c.resource_id == latitude.c.resource_id,
+                longitude.c.param == longitude_param,
+            ),
+        )
+        .where(
+            latitude.c.resource_type == resource.c.resource_type,
+            latitude.c.resource_id == resource.c.id,
+            latitude.c.param == latitude_param,
+            or_(*circles),
+        )
+    )
+
+
 def _unnested(column: ColumnElement[Any], name: str) -> TableValuedAlias:
     return func.unnest(column).table_valued(name).render_derived()
 
@@ -384,6 +455,8 @@ def condition_for(
         return _side(QUANTITIES, resource, criterion.param, numbers)
     if isinstance(criterion, UriCriterion):
         return _side(URIS, resource, criterion.param, _uri_match(criterion))
+    if isinstance(criterion, NearCriterion):
+        return _near(resource, criterion)
     if isinstance(criterion, MissingCriterion):
         return _missing(resource, criterion)
     if isinstance(criterion, ChainCriterion):

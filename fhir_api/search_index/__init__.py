@@ -56,6 +56,11 @@ quantities (`(param, value, low, high, system, code)`)
 
 uris (`(param, uri)`), including `_profile` and `_source`.
 
+positions (Location `near`, the one R4 `special` parameter)
+    Location.position gives two number rows (low = high = value):
+    `position_params(param)` = `param$latitude` and `param$longitude`, in
+    decimal degrees (WGS84) as written. A position without both is not indexed.
+
 composites
     Components keep their parameter's encoding; leading token/reference/uri
     components become key parts (`composite_token_keys`: `system|code` and
@@ -98,6 +103,7 @@ from fhir_api.search_index.encoding import (
     encode_token,
     normalize_string,
     of_type_key,
+    position_params,
     reference_query_keys,
     reference_value,
     string_entries,
@@ -134,6 +140,7 @@ __all__ = [
     "normalize_string",
     "of_type_key",
     "patient_compartment_params",
+    "position_params",
     "reference_query_keys",
     "reference_value",
     "resource_types",

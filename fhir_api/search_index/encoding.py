@@ -91,6 +91,11 @@ def composite_param(param: str, *prefix: str) -> str:
     return "$".join((param, *prefix))
 
 
+def position_params(param: str) -> tuple[str, str]:
+    """Return the params under which a position's latitude and longitude are indexed."""
+    return f"{param}$latitude", f"{param}$longitude"
+
+
 _RELATIVE_REFERENCE = re.compile(
     r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )

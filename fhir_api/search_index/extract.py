@@ -37,6 +37,7 @@ from fhir_api.search_index.encoding import (
     encode_token,
     number_bounds,
     of_type_key,
+    position_params,
     reference_value,
     string_entries,
     text_param,
@@ -52,8 +53,6 @@ SKIPPED_PARAMETERS: Mapping[str, str] = {
     "text index over Resource.text, not extracted keys",
     "Resource-content": "_content has no expression: full-text search over the whole resource",
     "Resource-query": "_query has no expression: it names a custom query operation",
-    "Location-near": "near is `special`: distance search needs a geo index on "
-    "Location.position latitude/longitude, not token/quantity keys",
     # Every stored row has these as columns (fhir_resource.id, .last_updated);
     # index entries for them would only repeat the columns on every write.
     "Resource-id": "_id is the id column of fhir_resource",
@@ -354,6 +353,21 @@ def _number(param: str, values: list[Any], out: IndexValues) -> None:
             out.quantities.append((param, bounds[0], bounds[1], bounds[2], None, None))
 
 
+def _position(param: str, values: list[Any], out: IndexValues) -> None:
+    # `near` (the one R4 `special` parameter) compares a distance, so a position
+    # is a point: both its coordinates as numbers, each under its own param.
+    latitude_param, longitude_param = position_params(param)
+    for position in values:
+        if not isinstance(position, dict):
+            continue
+        latitude = to_decimal(position.get("latitude"))
+        longitude = to_decimal(position.get("longitude"))
+        if latitude is None or longitude is None:
+            continue
+        out.quantities.append((latitude_param, latitude, latitude, latitude, None, None))
+        out.quantities.append((longitude_param, longitude, longitude, longitude, None, None))
+
+
 # --- string and uri ---------------------------------------------------------------
 
 
@@ -451,6 +465,7 @@ EMITTERS: Mapping[str, Mapping[str, Emitter]] = {
         ),
     },
     "uri": dict.fromkeys(_URIS, _uri),
+    "special": {"LocationPosition": _position},
 }
 EMITTERS = {
     param_type: {**dict.fromkeys(IGNORED.get(param_type, ()), _ignored), **table}
