@@ -27,3 +27,11 @@ class UnsupportedModifier(WahaError):
     status = 400
     issue_code = "not-supported"
     slug = "unsupported-search-modifier"
+
+
+class SearchTooCostly(WahaError):
+    """A search with more values or parameters than one request may ask for."""
+
+    status = 400
+    issue_code = "too-costly"
+    slug = "search-too-costly"

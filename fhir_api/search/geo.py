@@ -19,6 +19,7 @@ DEFAULT_NEAR_KM = 10.0
 KILOMETRES_PER_UNIT = {
     "km": 1.0,
     "m": 0.001,
+    "cm": 0.00001,
     "[mi_i]": 1.609344,
     "[mi_us]": 1.609347219,
     "[nmi_i]": 1.852,

@@ -6,13 +6,14 @@ Each criterion is already encoded the way ingest wrote the index
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
-from fhir_api.search.errors import InvalidSearch, UnsupportedModifier
+from fhir_api.search.errors import InvalidSearch, SearchTooCostly, UnsupportedModifier
 from fhir_api.search.geo import DEFAULT_NEAR_KM, KILOMETRES_PER_UNIT, NearPoint
 from fhir_api.search_index import (
     SearchParameterInfo,
@@ -34,6 +35,10 @@ from fhir_api.search_index.definitions import definitions_for
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 DEFAULT_COUNT = 20
 MAX_COUNT = 1_000
+# Bounds on one request's criteria: every value is a key the database tests, and
+# a body posted to `_search` has no URL length limit. A page's worth of ids fits.
+MAX_VALUES = 1_000
+MAX_PARAMETERS = 100
 # Parameters that shape the answer rather than select resources.
 RESULT_PARAMETERS = frozenset(
     {
@@ -286,6 +291,8 @@ def _split_keep_escapes(raw: str, separator: str) -> list[str]:
 
 def _values(raw: str) -> list[str]:
     values = _split_keep_escapes(raw, ",")
+    if len(values) > MAX_VALUES:
+        raise SearchTooCostly(f"a search parameter takes at most {MAX_VALUES:,} values")
     if any(value == "" for value in values):
         raise InvalidSearch("a search value is empty")
     return values
@@ -344,11 +351,18 @@ def parse_number_value(value: str, name: str, *, quantity: bool) -> NumberCompar
     return NumberComparison(prefix, number, low, high, system, code)
 
 
+# FHIR's decimal (R4 datatypes): no spaces, NaN, Infinity or other digits than 0-9.
+_FHIR_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def _decimal(text: str, name: str, what: str) -> Decimal:
+    if _FHIR_DECIMAL.fullmatch(text) is None:
+        raise InvalidSearch(f"{name}: the {what} is not a decimal number")
+    return Decimal(text)
+
+
 def _coordinate(text: str, name: str, what: str, limit: float) -> float:
-    try:
-        number = float(Decimal(text))
-    except InvalidOperation as error:
-        raise InvalidSearch(f"{name}: the {what} is not a decimal number") from error
+    number = float(_decimal(text, name, what))
     if not -limit <= number <= limit:
         raise InvalidSearch(f"{name}: the {what} is outside ±{limit:g} degrees")
     return number
@@ -362,18 +376,15 @@ def parse_near_value(value: str, name: str) -> NearPoint:
     latitude = _coordinate(parts[0], name, "latitude", 90.0)
     longitude = _coordinate(parts[1], name, "longitude", 180.0)
     distance_text = parts[2] if len(parts) > 2 else ""
+    if not distance_text:
+        # R4: without a distance, what is near is the server's call (and units do not matter).
+        return NearPoint(latitude, longitude, DEFAULT_NEAR_KM)
     units = parts[3] if len(parts) > 3 and parts[3] else "km"
     if units not in KILOMETRES_PER_UNIT:
         known = ", ".join(KILOMETRES_PER_UNIT)
         raise InvalidSearch(f"{name}: distance units must be one of the UCUM codes {known}")
-    if not distance_text:
-        # R4: without a distance, what is near is the server's call (and units do not matter).
-        return NearPoint(latitude, longitude, DEFAULT_NEAR_KM)
-    try:
-        distance = Decimal(distance_text)
-    except InvalidOperation as error:
-        raise InvalidSearch(f"{name}: the distance is not a decimal number") from error
-    if not distance.is_finite() or distance < 0:
+    distance = _decimal(distance_text, name, "distance")
+    if distance < 0:
         raise InvalidSearch(f"{name}: the distance must be a number of zero or more")
     return NearPoint(latitude, longitude, float(distance) * KILOMETRES_PER_UNIT[units])
 
@@ -692,6 +703,8 @@ def parse_search(
     resource_types: Sequence[str], pairs: Sequence[tuple[str, str]], *, base_url: str
 ) -> SearchQuery:
     """Parse query parameters for one or more types; unknown parameters are collected."""
+    if len(pairs) > MAX_PARAMETERS:
+        raise SearchTooCostly(f"a search takes at most {MAX_PARAMETERS} parameters")
     parser = _Parser(base_url)
     query = SearchQuery(tuple(resource_types), {t: [] for t in resource_types})
     for name, raw in pairs:

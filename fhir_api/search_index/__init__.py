@@ -59,7 +59,8 @@ uris (`(param, uri)`), including `_profile` and `_source`.
 positions (Location `near`, the one R4 `special` parameter)
     Location.position gives two number rows (low = high = value):
     `position_params(param)` = `param$latitude` and `param$longitude`, in
-    decimal degrees (WGS84) as written. A position without both is not indexed.
+    decimal degrees (WGS84) as written. A position without both, or with a
+    latitude past ±90, is not indexed; a longitude past ±180 is wrapped.
 
 composites
     Components keep their parameter's encoding; leading token/reference/uri

@@ -96,6 +96,17 @@ def position_params(param: str) -> tuple[str, str]:
     return f"{param}$latitude", f"{param}$longitude"
 
 
+def position_value(latitude: Decimal, longitude: Decimal) -> tuple[Decimal, Decimal] | None:
+    """Return a position as indexed: None off the globe, a longitude past ±180 wrapped."""
+    if not -90 <= latitude <= 90:
+        return None
+    if -180 <= longitude <= 180:
+        return latitude, longitude
+    # R4 does not bound the decimals: 190° is where -170° is. Decimal's % keeps the
+    # dividend's sign, as PostgreSQL's does (migration 0022 wraps alike).
+    return latitude, ((longitude + 180) % 360 + 360) % 360 - 180
+
+
 _RELATIVE_REFERENCE = re.compile(
     r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )

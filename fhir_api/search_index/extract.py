@@ -38,6 +38,7 @@ from fhir_api.search_index.encoding import (
     number_bounds,
     of_type_key,
     position_params,
+    position_value,
     reference_value,
     string_entries,
     text_param,
@@ -362,8 +363,12 @@ def _position(param: str, values: list[Any], out: IndexValues) -> None:
             continue
         latitude = to_decimal(position.get("latitude"))
         longitude = to_decimal(position.get("longitude"))
-        if latitude is None or longitude is None:
+        point = (
+            None if latitude is None or longitude is None else position_value(latitude, longitude)
+        )
+        if point is None:
             continue
+        latitude, longitude = point
         out.quantities.append((latitude_param, latitude, latitude, latitude, None, None))
         out.quantities.append((longitude_param, longitude, longitude, longitude, None, None))
 

@@ -74,6 +74,9 @@ def test_near_finds_locations_within_the_distance(client: TestClient) -> None:
     # Without a distance: the server's own idea of near (10 km), units irrelevant.
     assert found(client, near(TIZNIT)) == {tiznit}
     assert found(client, near(TIZNIT, "", "[mi_i]")) == {tiznit}
+    assert found(client, near(TIZNIT, "", "furlong")) == {tiznit}
+    assert found(client, near(TIZNIT, "1.5e2", "km")) == {tiznit, guelmim, agadir}
+    assert found(client, near(TIZNIT, "100000", "cm")) == {tiznit}
     # A distance of zero: the very point.
     assert found(client, near(TIZNIT, "0")) == {tiznit}
     assert found(client, near((29.6975, -9.7316), "0")) == set()
@@ -136,10 +139,14 @@ def test_a_moved_or_deleted_location_is_found_where_it_is_now(client: TestClient
         ("north|-9.7", "latitude is not"),
         ("91|-9.7", "latitude is outside"),
         ("29.6|-181", "longitude is outside"),
-        ("29.6|NaN", "longitude is outside"),
+        ("29.6|NaN", "longitude is not"),
+        ("sNaN|-9.7", "latitude is not"),
+        ("29.6| -9.7", "longitude is not"),
+        ("٢٩|-9.7", "latitude is not"),
+        ("29.6||10", "longitude is not"),
         ("29.6|-9.7|-1", "zero or more"),
         ("29.6|-9.7|le10", "distance is not"),
-        ("29.6|-9.7|Infinity", "zero or more"),
+        ("29.6|-9.7|Infinity", "distance is not"),
         ("29.6|-9.7|10|furlong", "UCUM"),
     ],
 )
@@ -198,3 +205,16 @@ def test_near_pages_without_gaps_or_repeats(client: TestClient) -> None:
             seen.extend(e["resource"]["id"] for e in bundle.get("entry", []))
             url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), "")
         assert sorted(seen) == sorted(created), sort
+
+
+def test_positions_off_the_globe_are_not_indexed_and_longitudes_past_180_wrap(
+    client: TestClient,
+) -> None:
+    # R4 does not bound the decimals, so such positions are stored as sent.
+    wrapped = create(client, location("Past the antimeridian", (10.0, 190.0)))
+    create(client, location("Past the pole", (95.0, 10.0)))
+    assert found(client, near((10.0, -170.0), "1")) == {wrapped}
+    assert found(client, near((90.0, 10.0), "600")) == set()
+    criteria = parse_criteria("Location", "near=10|-170|1", base_url="")
+    assert matches(criteria, "new", extract_index(location("Wrapped", (10.0, 190.0))))
+    assert not extract_index(location("Off", (95.0, 10.0))).quantities
