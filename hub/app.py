@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the Waha API with its routers, error handlers and request logging."""
     settings = settings or get_settings()
     configure_logging(settings)
-    db.configure(settings)
+    db.configure(settings, statement_timeout_ms=settings.database_statement_timeout_ms)
     _connect_outbox_notifier()
     fhir_service.warm_up()
     app = FastAPI(

@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from psycopg.errors import QueryCanceled
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -131,6 +132,22 @@ def _respond(rendered: ErrorBody) -> Response:
     )
 
 
+def _statement_timed_out(request: Request) -> ErrorBody:
+    # The API's statement timeout (settings.database_statement_timeout_ms) ended a
+    # statement: nothing was committed. Usually a search that asks too much,
+    # sometimes a lock held long by another request: later may be better.
+    log.warning("hub.statement_timeout", path=request.url.path)
+    issues = [
+        Issue(
+            "too-costly",
+            "the request ran longer than the server allows; narrow it, or retry later",
+        )
+    ]
+    rendered = render_error(request, 503, issues, "too-costly")
+    rendered.headers["Retry-After"] = "5"
+    return rendered
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Install the only exception handlers of the application."""
 
@@ -159,6 +176,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_unavailable(request: Request, error: OperationalError) -> Response:
+        if isinstance(error.orig, QueryCanceled):
+            return _respond(_statement_timed_out(request))
         # A lost or refused database connection: nothing was committed, and the
         # pool is renewed, so the same request is worth sending again.
         log.warning(

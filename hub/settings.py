@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # connection broken by a database restart is found when used, the pool is
     # invalidated, and reads are repeated once on a fresh connection (hub.db.run_read).
     database_pool_pre_ping: bool = False
+    # The API's bound on any one SQL statement, in milliseconds (0: none): a
+    # runaway search or a lock waited on too long ends as a 503 instead of
+    # holding a connection and a worker thread. Worker tasks are not bound.
+    database_statement_timeout_ms: int = Field(default=30_000, ge=0)
     redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
     public_base_url: str = "http://127.0.0.1:8000"
 

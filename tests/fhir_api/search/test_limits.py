@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from bench.search import generic_plan
 from fhir_api.search import repository
 from fhir_api.search.parser import MAX_PARAMETERS, MAX_VALUES, parse_search
+from hub import db
+from hub.settings import Settings
 from tests.builders import NATIONAL_ID, patient
 from tests.fhir_api.search.helpers import create, found
 
@@ -85,3 +87,45 @@ def test_many_keys_are_looked_up_in_the_token_index_even_in_a_custom_plan(
     assert template is not None
     plan = generic_plan(session.connection(), *template, custom=True)
     assert ("ix_fhir_resource_tokens" in plan) == opaque, plan
+
+
+def test_a_statement_past_the_timeout_is_a_503_too_costly(
+    client: TestClient, session: Session
+) -> None:
+    """The API bounds every statement (settings.database_statement_timeout_ms)."""
+    session.execute(
+        text(
+            "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated, tokens)"
+            " SELECT 'Patient', 'slow-' || n, 1, now(),"
+            "  ARRAY['identifier=urn:slow|' || n, 'identifier=' || n, 'gender=female']"
+            " FROM generate_series(1, 20000) AS n"
+        )
+    )
+    # The requests join this test's transaction: its bound is theirs.
+    session.execute(text("SET LOCAL statement_timeout = '50ms'"))
+    # Every patient tested against a thousand keys, every one of them counted.
+    values = _identifiers(MAX_VALUES)
+    response = client.post(
+        "/fhir/Patient/_search",
+        data={"identifier:not": values, "_total": "accurate"},
+        headers=FORM,
+    )
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "5"
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "too-costly"
+    session.execute(text("SET LOCAL statement_timeout = 0"))
+    assert client.get("/fhir/Patient?_id=slow-1").status_code == 200
+
+
+def test_the_apis_engine_bounds_its_statements(settings: Settings) -> None:
+    bounded = db.make_engine(settings, statement_timeout_ms=1234)
+    unbounded = db.make_engine(settings)
+    try:
+        with bounded.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "1234ms"
+        with unbounded.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "0"
+    finally:
+        bounded.dispose()
+        unbounded.dispose()
