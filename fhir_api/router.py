@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
-from fhir_api import reads, search, service
+from fhir_api import patches, reads, search, service
 from fhir_api.capability import capability_statement
 from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
 from fhir_api.errors import UnparsableBody
@@ -36,13 +36,32 @@ def fhir_response(
     return Response(content, status_code=status, media_type=FHIR_MEDIA_TYPE, headers=headers)
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def fhir_body(request: Request, settings: SettingsDep) -> bytes:
     """Read a FHIR JSON body, enforcing its media type and size limit."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type not in ACCEPTED_BODY_TYPES:
         raise UnsupportedMediaType(
             f"send application/fhir+json (got {content_type or 'no Content-Type'})"
         )
+    return await _limited_body(request, settings)
+
+
+async def json_patch_body(request: Request, settings: SettingsDep) -> bytes:
+    """Read a JSON Patch body, enforcing its media type and size limit."""
+    content_type = _content_type(request)
+    if content_type != patches.JSON_PATCH:
+        # FHIRPath Patch (a Parameters resource) and XML Patch are R4's other forms.
+        raise UnsupportedMediaType(
+            f"patch with a JSON Patch, {patches.JSON_PATCH} (got {content_type or 'nothing'})"
+        )
+    return await _limited_body(request, settings)
+
+
+async def _limited_body(request: Request, settings: Settings) -> bytes:
     limit = settings.max_json_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -78,6 +97,7 @@ async def request_context(request: Request) -> RequestContext:
 
 
 BodyDep = Annotated[bytes, Depends(fhir_body)]
+PatchBodyDep = Annotated[bytes, Depends(json_patch_body)]
 ContextDep = Annotated[RequestContext, Depends(request_context)]
 PreferHeader = Annotated[str | None, Header(alias="Prefer")]
 
@@ -350,6 +370,64 @@ def conditional_update(
         if_match=if_match,
     )
     result = _write(entry, context, settings)
+    return _write_response(result, prefer, settings.fhir_base_url)
+
+
+def _patch(
+    resource_type: str,
+    resource_id: str | None,
+    query: str | None,
+    body: bytes,
+    if_match: str | None,
+    context: RequestContext,
+    settings: Settings,
+) -> EntryResult:
+    patch = patches.parse_json_patch(body)
+    with session_scope() as session:
+        target = resource_id or patches.patch_target(
+            session, resource_type, query or "", base_url=settings.fhir_base_url
+        )
+        return patches.patch_resource(
+            session,
+            resource_type=resource_type,
+            resource_id=target,
+            patch=patch,
+            if_match=if_match,
+            context=context,
+            settings=write_settings(settings),
+        )
+
+
+@router.patch("/{resource_type}/{resource_id}", response_model=None)
+def patch(
+    resource_type: str,
+    resource_id: str,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: PatchBodyDep,
+    prefer: PreferHeader = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    """Patch a resource with a JSON Patch (RFC 6902)."""
+    result = _patch(resource_type, resource_id, None, body, if_match, context, settings)
+    return _write_response(result, prefer, settings.fhir_base_url)
+
+
+@router.patch("/{resource_type}", response_model=None)
+def conditional_patch(
+    resource_type: str,
+    request: Request,
+    settings: SettingsDep,
+    context: ContextDep,
+    body: PatchBodyDep,
+    prefer: PreferHeader = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    """Patch the one resource matching the query (404 for none, 412 for several)."""
+    if not request.url.query:
+        raise UnparsableBody("a conditional patch needs search criteria")
+    query = request.url.query
+    result = _patch(resource_type, None, query, body, if_match, context, settings)
     return _write_response(result, prefer, settings.fhir_base_url)
 
 

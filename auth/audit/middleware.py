@@ -41,6 +41,8 @@ _SUBTYPES: dict[tuple[str, str], str] = {
     ("POST", "/fhir/{resource_type}/_search"): "search-type",
     ("GET", "/fhir/{resource_type}/{resource_id}"): "read",
     ("PUT", "/fhir/{resource_type}/{resource_id}"): "update",
+    ("PATCH", "/fhir/{resource_type}"): "patch",
+    ("PATCH", "/fhir/{resource_type}/{resource_id}"): "patch",
     ("DELETE", "/fhir/{resource_type}/{resource_id}"): "delete",
     ("GET", "/fhir/{resource_type}/{resource_id}/_history"): "history-instance",
     ("GET", "/fhir/{resource_type}/{resource_id}/_history/{version_id}"): "vread",

@@ -1012,3 +1012,46 @@ def test_units_may_add_shared_resources_and_coordinators_change_them(
     assert response.status_code == 200, response.text
     again = api.put(f"/fhir/Location/{stored['id']}", json=stored, headers=unit)
     assert_outcome(again, 403, "forbidden")
+
+
+def test_a_patch_of_the_devices_status_revokes_the_unit(
+    strict: TestClient, auth_headers: Headers
+) -> None:
+    """DESIGN.md: an admin sets the unit's Device.status to inactive by update or patch."""
+    put_reference_data(strict, auth_headers)
+    assert strict.get("/fhir/Organization/unit-02", headers=auth_headers("unit-02")).is_success
+    inactive = orjson.dumps([{"op": "replace", "path": "/status", "value": "inactive"}])
+    patch_headers = {"Content-Type": "application/json-patch+json"}
+    # Only an admin may: a unit may not patch its own Device.
+    refused = strict.patch(
+        "/fhir/Device/unit-02",
+        content=inactive,
+        headers={**auth_headers("unit-02"), **patch_headers},
+    )
+    assert refused.status_code in (403, 404), refused.text
+    response = strict.patch(
+        "/fhir/Device/unit-02", content=inactive, headers={**auth_headers("admin"), **patch_headers}
+    )
+    assert response.status_code == 200, response.text
+    assert_unauthenticated(
+        strict.get("/fhir/Organization/unit-02", headers=auth_headers("unit-02"))
+    )
+
+
+def test_a_unit_patches_only_the_records_it_may_update(
+    strict: TestClient, auth_headers: Headers
+) -> None:
+    put_reference_data(strict, auth_headers)
+    visit = post_visit(strict, auth_headers, "unit-01", fresh_national_id())
+    path = f"/fhir/Patient/{visit.patient}"
+    operations = orjson.dumps(
+        [{"op": "add", "path": "/telecom", "value": [{"system": "phone", "value": "0611"}]}]
+    )
+    headers = {"Content-Type": "application/json-patch+json"}
+    other = strict.patch(path, content=operations, headers={**auth_headers("unit-02"), **headers})
+    assert other.status_code == 404, other.text
+    relay = strict.patch(path, content=operations, headers={**auth_headers("relay"), **headers})
+    assert relay.status_code == 403, relay.text
+    own = strict.patch(path, content=operations, headers={**auth_headers("unit-01"), **headers})
+    assert own.status_code == 200, own.text
+    assert own.json()["telecom"][0]["value"] == "0611"

@@ -1,0 +1,208 @@
+"""The patch interaction: JSON Patch (RFC 6902) applied to the current version as its update."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from tests.builders import NATIONAL_ID, patient
+from tests.fhir_api.search.helpers import create, found
+
+JSON_PATCH = {"Content-Type": "application/json-patch+json"}
+AuthHeaders = Callable[[str], dict[str, str]]
+
+
+def _patch(client: TestClient, path: str, operations: Any, **headers: str) -> httpx.Response:
+    response: httpx.Response = client.patch(
+        path, json=operations, headers={**JSON_PATCH, **headers}
+    )
+    return response
+
+
+def _version(client: TestClient, path: str) -> str:
+    return str(client.get(path).json()["meta"]["versionId"])
+
+
+def test_a_patch_writes_a_new_version_that_search_and_history_see(client: TestClient) -> None:
+    patient_id = create(client, patient("PA-1", gender="female"))
+    path = f"/fhir/Patient/{patient_id}"
+    response = _patch(
+        client,
+        path,
+        [
+            {"op": "test", "path": "/gender", "value": "female"},
+            {"op": "replace", "path": "/gender", "value": "male"},
+            {"op": "add", "path": "/telecom", "value": [{"system": "phone", "value": "0600"}]},
+        ],
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["gender"] == "male" and body["telecom"][0]["value"] == "0600"
+    assert body["meta"]["versionId"] == "2"
+    assert response.headers["etag"] == 'W/"2"'
+    assert client.get(path).json()["gender"] == "male"
+    assert patient_id in found(client, "/fhir/Patient?gender=male&identifier=PA-1")
+    assert patient_id not in found(client, "/fhir/Patient?gender=female&identifier=PA-1")
+    history = client.get(f"{path}/_history").json()
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
+
+
+def test_if_match_names_the_version_the_patch_was_written_for(client: TestClient) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-2'))}"
+    replace = [{"op": "replace", "path": "/gender", "value": "other"}]
+    stale = _patch(client, path, replace, **{"If-Match": 'W/"7"'})
+    assert stale.status_code == 412, stale.text
+    assert stale.json()["resourceType"] == "OperationOutcome"
+    assert _version(client, path) == "1"
+    assert _patch(client, path, replace, **{"If-Match": 'W/"1"'}).status_code == 200
+    assert _version(client, path) == "2"
+
+
+@pytest.mark.parametrize(
+    ("operations", "says"),
+    [
+        ([{"op": "test", "path": "/gender", "value": "male"}], "test failed"),
+        ([{"op": "remove", "path": "/telecom"}], "cannot be applied"),
+        ([{"op": "replace", "path": "/name/5/family", "value": "X"}], "cannot be applied"),
+        ([{"op": "replace", "path": "/id", "value": "other"}], "id may not change"),
+        ([{"op": "replace", "path": "/resourceType", "value": "Group"}], "may not change"),
+        ([{"op": "replace", "path": "/birthDate", "value": "yesterday"}], "birthDate"),
+        ([{"op": "add", "path": "/colour", "value": "blue"}], ""),
+    ],
+)
+def test_a_patch_that_cannot_apply_or_gives_an_invalid_resource_is_422_and_writes_nothing(
+    client: TestClient, operations: list[dict[str, Any]], says: str
+) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-3', gender='female'))}"
+    response = _patch(client, path, operations)
+    assert response.status_code == 422, response.text
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert says in str(outcome)
+    assert _version(client, path) == "1"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b"[]",
+        b'["replace"]',
+        b'[{"op": "bogus", "path": "/gender"}]',
+        b'[{"op": "replace", "path": "gender", "value": "male"}]',
+        b'[{"op": "replace", "path": "/gender"}]',
+        b'[{"op": "move", "path": "/gender"}]',
+    ],
+)
+def test_a_malformed_json_patch_is_400(client: TestClient, body: bytes) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-4'))}"
+    response = client.patch(path, content=body, headers=JSON_PATCH)
+    assert response.status_code == 400, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert _version(client, path) == "1"
+
+
+def test_other_patch_formats_are_415(client: TestClient) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-5'))}"
+    fhirpath_patch = {"resourceType": "Parameters", "parameter": []}
+    response = client.patch(
+        path, json=fhirpath_patch, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert response.status_code == 415, response.text
+    assert "application/json-patch+json" in str(response.json())
+
+
+def test_absent_and_deleted_resources(client: TestClient) -> None:
+    replace = [{"op": "replace", "path": "/gender", "value": "male"}]
+    assert _patch(client, "/fhir/Patient/nobody-here", replace).status_code == 404
+    path = f"/fhir/Patient/{create(client, patient('PA-6'))}"
+    assert client.delete(path).status_code in (200, 204)
+    assert _patch(client, path, replace).status_code == 410
+
+
+def test_a_conditional_patch_patches_the_one_match(client: TestClient) -> None:
+    only = create(client, patient("PA-7"))
+    replace = [{"op": "replace", "path": "/gender", "value": "male"}]
+    response = _patch(client, f"/fhir/Patient?identifier={NATIONAL_ID}|PA-7", replace)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == only
+    assert _patch(client, "/fhir/Patient?identifier=nobody", replace).status_code == 404
+    create(client, patient("PA-8", family="Twin"))
+    create(client, patient("PA-9", family="Twin"))
+    assert _patch(client, "/fhir/Patient?family:exact=Twin", replace).status_code == 412
+    assert _patch(client, "/fhir/Patient", replace).status_code == 400
+
+
+def test_a_patch_is_audited_as_a_patch(client: TestClient) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-10'))}"
+    request_id = uuid.uuid4().hex
+    response = _patch(
+        client,
+        path,
+        [{"op": "replace", "path": "/gender", "value": "male"}],
+        **{"X-Request-Id": request_id},
+    )
+    assert response.status_code == 200
+    events = client.get("/fhir/AuditEvent?subtype=patch&_count=200").json().get("entry", [])
+    mine = [e["resource"] for e in events if request_id in str(e["resource"])]
+    assert len(mine) == 1
+    assert mine[0]["action"] == "U"
+
+
+def test_the_capability_statement_lists_patch(client: TestClient) -> None:
+    statement = client.get("/fhir/metadata").json()
+    (resource,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Patient"]
+    assert {"code": "patch"} in resource["interaction"]
+
+
+def test_concurrent_patches_are_all_applied(
+    live_server: str, committed: Engine, auth_headers: AuthHeaders
+) -> None:
+    """A patch that loses a race to another write is applied again to the newer version."""
+    admin = auth_headers("admin")
+    with httpx.Client(base_url=live_server, headers=admin, timeout=30) as http:
+        created = http.post(
+            "/fhir/Patient",
+            json=patient(f"PA-RACE-{uuid.uuid4().hex[:8]}"),
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert created.status_code == 201, created.text
+        path = f"/fhir/Patient/{created.json()['id']}"
+    statuses: list[int] = []
+
+    def add_phones(number: int) -> None:
+        with httpx.Client(base_url=live_server, headers=admin, timeout=30) as http:
+            for round_number in range(3):
+                phone = {"system": "phone", "value": f"06-{number}-{round_number}"}
+                operations = [{"op": "add", "path": "/telecom/-", "value": phone}]
+                response = http.patch(path, content=orjson.dumps(operations), headers=JSON_PATCH)
+                statuses.append(response.status_code)
+
+    with httpx.Client(base_url=live_server, headers=admin, timeout=30) as http:
+        seeded = http.patch(
+            path,
+            content=b'[{"op": "add", "path": "/telecom", "value": []}]',
+            headers=JSON_PATCH,
+        )
+        assert seeded.status_code == 200, seeded.text
+    threads = [threading.Thread(target=add_phones, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with httpx.Client(base_url=live_server, headers=admin, timeout=30) as http:
+        final = http.get(path).json()
+    phones = {telecom["value"] for telecom in final["telecom"]}
+    # Every patch is in the final version: none overwrote another.
+    assert statuses == [200] * 12
+    assert phones == {f"06-{n}-{r}" for n in range(4) for r in range(3)}
+    assert final["meta"]["versionId"] == "14"
