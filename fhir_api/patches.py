@@ -11,6 +11,8 @@ which locks its query instead, makes it a 412 rather than be overwritten.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 from typing import Any
 
@@ -106,6 +108,41 @@ def patch_target(session: Session, resource_type: str, query: str, *, base_url: 
     return found[0]
 
 
+def as_update(
+    session: Session, entry: EntryRequest, *, context: RequestContext, base_url: str
+) -> EntryRequest:
+    """Return the PUT that writes a PATCH entry's result; the caller holds its lock."""
+    assert entry.resource_type is not None and entry.patch is not None  # noqa: S101
+    resource_type = entry.resource_type
+    context.access.check("update", resource_type)
+    resource_id = entry.resource_id or patch_target(
+        session, resource_type, entry.query or "", base_url=base_url
+    )
+    current = reads.read_resource(
+        session,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        access=context.access,
+        audit=context.audit,
+    )
+    if entry.if_match is not None and parse_version_etag(entry.if_match) != str(current.version_id):
+        raise VersionConflict(
+            f"{resource_type}/{resource_id} is at version {current.version_id}, "
+            f"not {entry.if_match}"
+        )
+    assert current.resource is not None  # noqa: S101 - a current, undeleted version has a body
+    return EntryRequest(
+        method="PUT",
+        resource_type=resource_type,
+        resource_id=resource_id,
+        resource=apply_json_patch(current.resource, entry.patch),
+        # Still the version read, whatever else writes it (a conditional update
+        # locks its query, not this resource).
+        if_match=f'W/"{current.version_id}"',
+        path=entry.path,
+    )
+
+
 def patch_resource(
     session: Session,
     *,
@@ -117,25 +154,34 @@ def patch_resource(
     settings: WriteSettings,
 ) -> EntryResult:
     """Apply a JSON Patch to the current version and write the result as its update."""
-    context.access.check("update", resource_type)
-    entry = EntryRequest(method="PUT", resource_type=resource_type, resource_id=resource_id)
+    entry = EntryRequest(
+        method="PATCH",
+        resource_type=resource_type,
+        resource_id=resource_id,
+        if_match=if_match,
+        patch=patch,
+    )
     # The lock every writer of this resource takes, held from the read to the
     # write: patches of one resource queue instead of overwriting each other.
     repository.lock_keys(session, lock_keys_for([entry]))
-    current = reads.read_resource(
-        session,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        access=context.access,
-        audit=context.audit,
-    )
-    if if_match is not None and parse_version_etag(if_match) != str(current.version_id):
-        raise VersionConflict(
-            f"{resource_type}/{resource_id} is at version {current.version_id}, not {if_match}"
-        )
-    assert current.resource is not None  # noqa: S101 - a current, undeleted version has a body
-    entry.resource = apply_json_patch(current.resource, patch)
-    # Still the version read, whatever else writes it (a conditional update locks its query).
-    entry.if_match = f'W/"{current.version_id}"'
+    update = as_update(session, entry, context=context, base_url=settings.base_url)
     engine = TransactionEngine(session, context=context, settings=settings)
-    return engine.run([entry], locked=True)[0]
+    return engine.run([update], locked=True)[0]
+
+
+def binary_json_patch(resource: Any) -> jsonpatch.JsonPatch:
+    """Return the JSON Patch a transaction's PATCH entry carries in a Binary (R4 http.html)."""
+    if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
+        raise UnparsableBody("FHIRPath Patch is not supported: send a Binary with a JSON Patch")
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+        raise UnparsableBody("a PATCH entry's resource is a Binary holding a JSON Patch")
+    if resource.get("contentType") != JSON_PATCH:
+        raise UnparsableBody(f"a PATCH entry's Binary must have contentType {JSON_PATCH}")
+    data = resource.get("data")
+    try:
+        body = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+    except binascii.Error:
+        body = None
+    if not body:
+        raise UnparsableBody("a PATCH entry's Binary needs its JSON Patch as base64 data")
+    return parse_json_patch(body)

@@ -14,7 +14,7 @@ import psycopg.errors
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from fhir_api import repository
+from fhir_api import patches, repository
 from fhir_api.context import UNRESTRICTED_ACCESS, RequestContext
 from fhir_api.errors import (
     BundleInFlight,
@@ -120,7 +120,7 @@ def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
     if not isinstance(url, str):
         raise at(UnparsableBody("a transaction or batch entry needs request.url"), path)
     method = request["method"].upper()
-    if method not in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+    if method not in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"):
         raise at(UnparsableBody(f"request.method {method} is not supported in a bundle"), path)
     parsed = parse_interaction_url(url, base_url=base_url)
     if parsed.resource_type is None or parsed.operation is not None:
@@ -130,8 +130,14 @@ def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
         raise at(UnparsableBody(f"a {method} entry needs a resource"), path)
     if method == "POST" and (parsed.resource_id is not None or parsed.query is not None):
         raise at(UnparsableBody("a POST entry's url must be the resource type alone"), path)
-    if method in ("PUT", "DELETE") and parsed.resource_id is None and parsed.query is None:
+    if method in ("PUT", "DELETE", "PATCH") and parsed.resource_id is None and parsed.query is None:
         raise at(UnparsableBody(f"a {method} entry needs an id or search criteria"), path)
+    patch = None
+    if method == "PATCH":
+        try:
+            patch = patches.binary_json_patch(resource)
+        except WahaError as error:
+            raise at(error, f"{path}.resource") from None
     full_url = entry.get("fullUrl")
     return EntryRequest(
         method=method,
@@ -145,6 +151,7 @@ def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
         if_match=request.get("ifMatch"),
         if_none_match=request.get("ifNoneMatch"),
         path=path,
+        patch=patch,
     )
 
 
@@ -233,6 +240,8 @@ def process_bundle(
             return receipt.status, receipt.response
 
     if bundle_type == "transaction":
+        # Under the bundle's locks, taken above: its patches read what they patch.
+        requests = [_as_write(session, r, context=context, settings=settings) for r in requests]
         engine = TransactionEngine(session, context=context, settings=settings)
         results = engine.run(requests, locked=True)
     else:
@@ -256,6 +265,18 @@ def process_bundle(
             response=response,
         )
     return 200, response
+
+
+def _as_write(
+    session: Session, request: EntryRequest, *, context: RequestContext, settings: WriteSettings
+) -> EntryRequest:
+    """Return a PATCH entry as the update that writes its result; other entries as they are."""
+    if request.method != "PATCH":
+        return request
+    try:
+        return patches.as_update(session, request, context=context, base_url=settings.base_url)
+    except WahaError as error:
+        raise at(error, request.path) from None
 
 
 def _record_provenance(
@@ -328,6 +349,9 @@ def _run_batch(
         try:
             with session.begin_nested():
                 request = _entry_request(entry, position, base_url=settings.base_url)
+                if request.method == "PATCH":
+                    repository.lock_keys(session, lock_keys_for([request]))
+                    request = _as_write(session, request, context=context, settings=settings)
                 engine = TransactionEngine(session, context=context, settings=settings)
                 results.extend(engine.run([request]))
         except WahaError as error:

@@ -89,6 +89,8 @@ class EntryRequest:
     # know, as for an uploaded Binary): no other writer can target it, so it
     # is neither locked nor looked up as an existing version.
     fresh_id: bool = False
+    # A PATCH's parsed JSON Patch (fhir_api.patches), before it becomes a PUT.
+    patch: Any = None
 
 
 @dataclass(slots=True)
@@ -162,7 +164,7 @@ def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
     """Return the advisory-lock keys a write of these entries must hold."""
     keys: list[str] = []
     for entry in entries:
-        if entry.method not in WRITE_METHODS:
+        if entry.method not in WRITE_METHODS and entry.method != "PATCH":
             continue
         query = entry.if_none_exist if entry.method == "POST" else entry.query
         if query is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from tests.builders import NATIONAL_ID, patient
-from tests.fhir_api.search.helpers import create, found
+from tests.fhir_api.search.helpers import FHIR_JSON, create, found
 
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 AuthHeaders = Callable[[str], dict[str, str]]
@@ -206,3 +207,96 @@ def test_concurrent_patches_are_all_applied(
     assert statuses == [200] * 12
     assert phones == {f"06-{n}-{r}" for n in range(4) for r in range(3)}
     assert final["meta"]["versionId"] == "14"
+
+
+def _binary_patch(operations: list[dict[str, Any]]) -> dict[str, Any]:
+    data = base64.b64encode(orjson.dumps(operations)).decode()
+    return {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": data}
+
+
+def _entry(url: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resource": _binary_patch(operations), "request": {"method": "PATCH", "url": url}}
+
+
+def test_a_transaction_patches_with_binary_json_patches(client: TestClient) -> None:
+    first = create(client, patient("PA-T1"))
+    create(client, patient("PA-T2"))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            _entry(f"Patient/{first}", [{"op": "replace", "path": "/gender", "value": "male"}]),
+            _entry(
+                f"Patient?identifier={NATIONAL_ID}|PA-T2",
+                [{"op": "replace", "path": "/gender", "value": "other"}],
+            ),
+        ],
+    }
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses == ["200 OK", "200 OK"]
+    assert client.get(f"/fhir/Patient/{first}").json()["gender"] == "male"
+    assert found(client, "/fhir/Patient?identifier=PA-T2&gender=other")
+
+
+def test_a_transaction_whose_patch_fails_writes_nothing(client: TestClient) -> None:
+    first = create(client, patient("PA-T3"))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": patient("PA-T4"), "request": {"method": "POST", "url": "Patient"}},
+            _entry(f"Patient/{first}", [{"op": "test", "path": "/gender", "value": "male"}]),
+        ],
+    }
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 422, response.text
+    assert "Bundle.entry[1]" in str(response.json())
+    assert found(client, "/fhir/Patient?identifier=PA-T4") == set()
+    assert _version(client, f"/fhir/Patient/{first}") == "1"
+
+
+@pytest.mark.parametrize(
+    ("resource", "says"),
+    [
+        ({"resourceType": "Parameters", "parameter": []}, "FHIRPath Patch"),
+        (
+            {"resourceType": "Binary", "contentType": "application/json", "data": "W10="},
+            "contentType",
+        ),
+        ({"resourceType": "Binary", "contentType": "application/json-patch+json"}, "base64"),
+        (
+            {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": "%%"},
+            "base64",
+        ),
+        (_binary_patch([{"op": "replace", "path": "/gender"}]), "value"),
+    ],
+)
+def test_a_bad_patch_entry_is_400_naming_the_entry(
+    client: TestClient, resource: dict[str, Any], says: str
+) -> None:
+    first = create(client, patient("PA-T5"))
+    entry = {"resource": resource, "request": {"method": "PATCH", "url": f"Patient/{first}"}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 400, response.text
+    assert says in str(response.json()) and "Bundle.entry[0]" in str(response.json())
+
+
+def test_a_batch_answers_each_patch_on_its_own(client: TestClient) -> None:
+    first = create(client, patient("PA-B1"))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            _entry(f"Patient/{first}", [{"op": "replace", "path": "/gender", "value": "male"}]),
+            _entry(f"Patient/{first}", [{"op": "test", "path": "/gender", "value": "female"}]),
+            _entry("Patient/nobody-here", [{"op": "remove", "path": "/gender"}]),
+        ],
+    }
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert [status.split()[0] for status in statuses] == ["200", "422", "404"]
+    assert _version(client, f"/fhir/Patient/{first}") == "2"
