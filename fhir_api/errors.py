@@ -138,3 +138,11 @@ def at(error: WahaError, prefix: str) -> WahaError:
         for issue in error.issues
     ]
     return error
+
+
+class NotPatchable(WahaError):
+    """A resource type the patch interaction does not apply to."""
+
+    status = 405
+    issue_code = "not-supported"
+    slug = "not-patchable"

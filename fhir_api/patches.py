@@ -3,10 +3,10 @@
 R4 (http.html#patch) lets a server take JSON Patch, XML Patch or FHIRPath
 Patch; Waha takes JSON Patch (`application/json-patch+json`). The patch is
 applied to the current version the caller can read, under the lock every
-writer of that resource by id takes, so patches and updates of one resource
-queue instead of overwriting each other. The result is written as an update
-of exactly the version read (an implicit If-Match): a conditional update,
-which locks its query instead, makes it a 412 rather than be overwritten.
+writer of that resource takes (by id, or once its criteria found it), so
+patches and updates of one resource queue instead of overwriting each other,
+and is written as an update of exactly the version read. A patch may not
+grow a resource past the body limit (`copy` can double it per operation).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fhir_api import reads, repository
 from fhir_api.context import RequestContext
 from fhir_api.errors import (
     InvalidResource,
+    NotPatchable,
     PreconditionFailed,
     ResourceNotFound,
     UnparsableBody,
@@ -37,45 +38,72 @@ from fhir_api.writes import (
     EntryResult,
     TransactionEngine,
     WriteSettings,
-    lock_keys_for,
     parse_version_etag,
 )
-from hub.errors import Issue
+from hub.errors import Issue, PayloadTooLarge
 
 JSON_PATCH = "application/json-patch+json"
+# Binary content lives in object storage and is written once (imaging_store).
+NOT_PATCHABLE = frozenset({"Binary"})
 # Elements the server owns: a patch may not move a resource to another type or id.
 _FIXED = ("resourceType", "id")
 
 
 # The members each operation needs besides `op` and `path` (RFC 6902, section 4).
 _MEMBERS = {"add": "value", "replace": "value", "test": "value", "move": "from", "copy": "from"}
+# Bounds the work one patch may ask for; far more than any edit of a resource needs.
+MAX_OPERATIONS = 1_000
+Operations = list[dict[str, Any]]
 
 
-def parse_json_patch(body: bytes) -> jsonpatch.JsonPatch:
+def parse_json_patch(body: bytes) -> Operations:
     """Parse a JSON Patch document, or raise a 400 saying what is wrong with it."""
     try:
         operations = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise UnparsableBody(f"the JSON Patch is not JSON: {error}") from error
-    if not isinstance(operations, list) or not operations:
-        raise UnparsableBody("a JSON Patch is a non-empty array of operations")
+    if not isinstance(operations, list):
+        raise UnparsableBody("a JSON Patch is an array of operations")
+    if len(operations) > MAX_OPERATIONS:
+        raise UnparsableBody(f"a JSON Patch takes at most {MAX_OPERATIONS:,} operations")
     try:
-        patch = jsonpatch.JsonPatch(operations)
-    except (jsonpatch.InvalidJsonPatch, jsonpointer.JsonPointerException) as error:
+        jsonpatch.JsonPatch(operations)
+        # The library checks these only as it applies each operation: a malformed
+        # document is a 400 before anything is read, not a 422 halfway through.
+        for number, operation in enumerate(operations):
+            member = _MEMBERS.get(operation["op"])
+            if member is not None and member not in operation:
+                raise UnparsableBody(f"operation {number} ({operation['op']}) has no {member!r}")
+            if member == "from":
+                jsonpointer.JsonPointer(operation["from"])
+    except (
+        jsonpatch.InvalidJsonPatch,
+        jsonpointer.JsonPointerException,
+        AttributeError,
+        TypeError,
+    ) as error:
         raise UnparsableBody(f"the JSON Patch is malformed: {error}") from error
-    # The library checks these only as it applies each operation: a malformed
-    # document is a 400 before anything is read, not a 422 halfway through.
-    for number, operation in enumerate(operations):
-        member = _MEMBERS.get(operation["op"])
-        if member is not None and member not in operation:
-            raise UnparsableBody(f"operation {number} ({operation['op']}) has no {member!r}")
-    return patch
+    return operations
 
 
-def apply_json_patch(resource: dict[str, Any], patch: jsonpatch.JsonPatch) -> dict[str, Any]:
+def apply_json_patch(
+    resource: dict[str, Any], operations: Operations, *, size_limit: int
+) -> dict[str, Any]:
     """Return the resource with the patch applied (422 if it cannot be, as a whole)."""
+    patched: Any = copy.deepcopy(resource)
+    # `copy` is the one operation that grows a resource by more than the patch's
+    # own size: repeated, it doubles it each time (17 copies, 25 MB).
+    size = len(orjson.dumps(resource))
     try:
-        patched = patch.apply(copy.deepcopy(resource))
+        for operation in operations:
+            if operation["op"] == "copy":
+                copied = jsonpointer.JsonPointer(operation["from"]).resolve(patched)
+                size += len(orjson.dumps(copied))
+                if size > size_limit:
+                    raise PayloadTooLarge(
+                        f"the patched resource would be over the {size_limit}-byte limit"
+                    )
+            patched = jsonpatch.JsonPatch([operation]).apply(patched, in_place=True)
     except jsonpatch.JsonPatchTestFailed as error:
         message = f"the patch's test failed: {error}"
         raise InvalidResource(message, issues=[Issue("processing", message)]) from error
@@ -93,31 +121,47 @@ def apply_json_patch(resource: dict[str, Any], patch: jsonpatch.JsonPatch) -> di
     return patched
 
 
-def patch_target(session: Session, resource_type: str, query: str, *, base_url: str) -> str:
-    """Return the id of the one resource a conditional patch's criteria match."""
-    criteria = criteria_module.parse_criteria(resource_type, query, base_url=base_url)
+def _target(session: Session, entry: EntryRequest, context: RequestContext, base_url: str) -> str:
+    """Return the id a PATCH names, or the one its criteria match among what the caller sees."""
+    assert entry.resource_type is not None  # noqa: S101 - guaranteed by the parser
+    if entry.resource_id is not None:
+        return entry.resource_id
+    criteria = criteria_module.parse_criteria(
+        entry.resource_type, entry.query or "", base_url=base_url
+    )
+    # Searched within the caller's scope: a patch must not learn what it may not read.
     found = search_repository.list_ids(
-        session, resource_type, [criterion.search for criterion in criteria], limit=2
+        session,
+        entry.resource_type,
+        [criterion.search for criterion in criteria],
+        limit=2,
+        scope=reads.search_scope(context.access),
     )
     if len(found) > 1:
         raise PreconditionFailed(
-            f"conditional patch matched {len(found)} {resource_type} resources"
+            f"conditional patch matched {len(found)} {entry.resource_type} resources"
         )
     if not found:
-        raise ResourceNotFound(f"no {resource_type} matches the conditional patch")
+        raise ResourceNotFound(f"no {entry.resource_type} you may see matches the criteria")
     return found[0]
 
 
 def as_update(
-    session: Session, entry: EntryRequest, *, context: RequestContext, base_url: str
+    session: Session, entry: EntryRequest, *, context: RequestContext, settings: WriteSettings
 ) -> EntryRequest:
-    """Return the PUT that writes a PATCH entry's result; the caller holds its lock."""
+    """Return the PUT that writes a PATCH entry's result, holding the resource's write lock."""
     assert entry.resource_type is not None and entry.patch is not None  # noqa: S101
     resource_type = entry.resource_type
     context.access.check("update", resource_type)
-    resource_id = entry.resource_id or patch_target(
-        session, resource_type, entry.query or "", base_url=base_url
-    )
+    if resource_type in NOT_PATCHABLE:
+        raise NotPatchable(f"a {resource_type} cannot be patched; upload a new one")
+    if entry.version_id is not None:
+        raise UnparsableBody("a patch applies to the current version: use If-Match, not _history")
+    resource_id = _target(session, entry, context, settings.base_url)
+    # The lock every writer of this resource by id takes (a conditional patch
+    # has locked only its criteria so far), held from the read to the write:
+    # patches and updates of one resource queue instead of overwriting each other.
+    repository.lock_keys(session, [f"res:{resource_type}/{resource_id}"])
     current = reads.read_resource(
         session,
         resource_type=resource_type,
@@ -131,13 +175,16 @@ def as_update(
             f"not {entry.if_match}"
         )
     assert current.resource is not None  # noqa: S101 - a current, undeleted version has a body
+    patched = apply_json_patch(
+        current.resource, entry.patch, size_limit=settings.max_resource_bytes
+    )
     return EntryRequest(
         method="PUT",
         resource_type=resource_type,
         resource_id=resource_id,
-        resource=apply_json_patch(current.resource, entry.patch),
-        # Still the version read, whatever else writes it (a conditional update
-        # locks its query, not this resource).
+        resource=patched,
+        full_url=entry.full_url,
+        # The version read: a safeguard should any writer not take the lock.
         if_match=f'W/"{current.version_id}"',
         path=entry.path,
     )
@@ -147,8 +194,9 @@ def patch_resource(
     session: Session,
     *,
     resource_type: str,
-    resource_id: str,
-    patch: jsonpatch.JsonPatch,
+    resource_id: str | None,
+    query: str | None,
+    operations: Operations,
     if_match: str | None,
     context: RequestContext,
     settings: WriteSettings,
@@ -158,30 +206,34 @@ def patch_resource(
         method="PATCH",
         resource_type=resource_type,
         resource_id=resource_id,
+        query=query,
         if_match=if_match,
-        patch=patch,
+        patch=operations,
     )
-    # The lock every writer of this resource takes, held from the read to the
-    # write: patches of one resource queue instead of overwriting each other.
-    repository.lock_keys(session, lock_keys_for([entry]))
-    update = as_update(session, entry, context=context, base_url=settings.base_url)
+    update = as_update(session, entry, context=context, settings=settings)
     engine = TransactionEngine(session, context=context, settings=settings)
     return engine.run([update], locked=True)[0]
 
 
-def binary_json_patch(resource: Any) -> jsonpatch.JsonPatch:
+def binary_json_patch(resource: Any) -> Operations:
     """Return the JSON Patch a transaction's PATCH entry carries in a Binary (R4 http.html)."""
     if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
         raise UnparsableBody("FHIRPath Patch is not supported: send a Binary with a JSON Patch")
     if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
         raise UnparsableBody("a PATCH entry's resource is a Binary holding a JSON Patch")
-    if resource.get("contentType") != JSON_PATCH:
+    content_type = resource.get("contentType")
+    if not isinstance(content_type, str) or content_type.split(";")[0].strip() != JSON_PATCH:
         raise UnparsableBody(f"a PATCH entry's Binary must have contentType {JSON_PATCH}")
     data = resource.get("data")
     try:
-        body = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+        # Line breaks are allowed in base64Binary (MIME-style wrapping).
+        body = (
+            base64.b64decode("".join(data.split()), validate=True)
+            if isinstance(data, str)
+            else None
+        )
     except binascii.Error:
         body = None
-    if not body:
+    if body is None:
         raise UnparsableBody("a PATCH entry's Binary needs its JSON Patch as base64 data")
     return parse_json_patch(body)

@@ -55,9 +55,11 @@ async def json_patch_body(request: Request, settings: SettingsDep) -> bytes:
     content_type = _content_type(request)
     if content_type != patches.JSON_PATCH:
         # FHIRPath Patch (a Parameters resource) and XML Patch are R4's other forms.
-        raise UnsupportedMediaType(
+        error = UnsupportedMediaType(
             f"patch with a JSON Patch, {patches.JSON_PATCH} (got {content_type or 'nothing'})"
         )
+        error.headers["Accept-Patch"] = patches.JSON_PATCH
+        raise error
     return await _limited_body(request, settings)
 
 
@@ -107,6 +109,7 @@ def write_settings(settings: Settings) -> WriteSettings:
     return WriteSettings(
         base_url=settings.fhir_base_url,
         enforce_referential_integrity=settings.enforce_referential_integrity,
+        max_resource_bytes=settings.max_json_body_bytes,
     )
 
 
@@ -382,16 +385,14 @@ def _patch(
     context: RequestContext,
     settings: Settings,
 ) -> EntryResult:
-    patch = patches.parse_json_patch(body)
+    operations = patches.parse_json_patch(body)
     with session_scope() as session:
-        target = resource_id or patches.patch_target(
-            session, resource_type, query or "", base_url=settings.fhir_base_url
-        )
         return patches.patch_resource(
             session,
             resource_type=resource_type,
-            resource_id=target,
-            patch=patch,
+            resource_id=resource_id,
+            query=query,
+            operations=operations,
             if_match=if_match,
             context=context,
             settings=write_settings(settings),

@@ -274,7 +274,7 @@ def _as_write(
     if request.method != "PATCH":
         return request
     try:
-        return patches.as_update(session, request, context=context, base_url=settings.base_url)
+        return patches.as_update(session, request, context=context, settings=settings)
     except WahaError as error:
         raise at(error, request.path) from None
 
@@ -350,7 +350,6 @@ def _run_batch(
             with session.begin_nested():
                 request = _entry_request(entry, position, base_url=settings.base_url)
                 if request.method == "PATCH":
-                    repository.lock_keys(session, lock_keys_for([request]))
                     request = _as_write(session, request, context=context, settings=settings)
                 engine = TransactionEngine(session, context=context, settings=settings)
                 results.extend(engine.run([request]))

@@ -117,6 +117,8 @@ class WriteSettings:
 
     base_url: str
     enforce_referential_integrity: bool = True
+    # The largest resource a write may produce from a smaller request (a patch).
+    max_resource_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -336,6 +338,7 @@ class TransactionEngine:
                     if body_id is not None and body_id != found[0]:
                         raise InvalidResource("the body's id differs from the matched resource")
                     item.target_id = found[0]
+                    self._lock_target(entry.resource_type, found[0])
                 else:
                     item.target_id = body_id or str(uuid.uuid4())
             else:
@@ -351,8 +354,15 @@ class TransactionEngine:
                     item.no_op_status = 204
                     return
                 item.target_id = found[0]
+                self._lock_target(entry.resource_type, found[0])
             else:
                 item.target_id = entry.resource_id
+
+    def _lock_target(self, resource_type: str, resource_id: str) -> None:
+        # A conditional write has locked its criteria; the resource they found
+        # takes the lock its writers by id take too, or a patch or update by id
+        # could write the same next version at once.
+        repository.lock_keys(self.session, [f"res:{resource_type}/{resource_id}"])
 
     def _check_duplicate_targets(self, writes: Sequence[_Planned]) -> None:
         seen: set[tuple[str | None, str | None]] = set()

@@ -1014,24 +1014,25 @@ def test_units_may_add_shared_resources_and_coordinators_change_them(
     assert_outcome(again, 403, "forbidden")
 
 
+def _patch_as(
+    client: TestClient, auth_headers: Headers, who: str, url: str, operations: list[JSON]
+) -> httpx.Response:
+    headers = {**auth_headers(who), "Content-Type": "application/json-patch+json"}
+    response: httpx.Response = client.patch(url, content=orjson.dumps(operations), headers=headers)
+    return response
+
+
 def test_a_patch_of_the_devices_status_revokes_the_unit(
     strict: TestClient, auth_headers: Headers
 ) -> None:
     """DESIGN.md: an admin sets the unit's Device.status to inactive by update or patch."""
     put_reference_data(strict, auth_headers)
     assert strict.get("/fhir/Organization/unit-02", headers=auth_headers("unit-02")).is_success
-    inactive = orjson.dumps([{"op": "replace", "path": "/status", "value": "inactive"}])
-    patch_headers = {"Content-Type": "application/json-patch+json"}
+    inactive = [{"op": "replace", "path": "/status", "value": "inactive"}]
     # Only an admin may: a unit may not patch its own Device.
-    refused = strict.patch(
-        "/fhir/Device/unit-02",
-        content=inactive,
-        headers={**auth_headers("unit-02"), **patch_headers},
-    )
+    refused = _patch_as(strict, auth_headers, "unit-02", "/fhir/Device/unit-02", inactive)
     assert refused.status_code in (403, 404), refused.text
-    response = strict.patch(
-        "/fhir/Device/unit-02", content=inactive, headers={**auth_headers("admin"), **patch_headers}
-    )
+    response = _patch_as(strict, auth_headers, "admin", "/fhir/Device/unit-02", inactive)
     assert response.status_code == 200, response.text
     assert_unauthenticated(
         strict.get("/fhir/Organization/unit-02", headers=auth_headers("unit-02"))
@@ -1044,14 +1045,20 @@ def test_a_unit_patches_only_the_records_it_may_update(
     put_reference_data(strict, auth_headers)
     visit = post_visit(strict, auth_headers, "unit-01", fresh_national_id())
     path = f"/fhir/Patient/{visit.patient}"
-    operations = orjson.dumps(
-        [{"op": "add", "path": "/telecom", "value": [{"system": "phone", "value": "0611"}]}]
-    )
-    headers = {"Content-Type": "application/json-patch+json"}
-    other = strict.patch(path, content=operations, headers={**auth_headers("unit-02"), **headers})
-    assert other.status_code == 404, other.text
-    relay = strict.patch(path, content=operations, headers={**auth_headers("relay"), **headers})
-    assert relay.status_code == 403, relay.text
-    own = strict.patch(path, content=operations, headers={**auth_headers("unit-01"), **headers})
+    phone = [{"op": "add", "path": "/telecom", "value": [{"system": "phone", "value": "0611"}]}]
+    assert _patch_as(strict, auth_headers, "unit-02", path, phone).status_code == 404
+    assert _patch_as(strict, auth_headers, "relay", path, phone).status_code == 403
+    own = _patch_as(strict, auth_headers, "unit-01", path, phone)
     assert own.status_code == 200, own.text
     assert own.json()["telecom"][0]["value"] == "0611"
+    # Conditionally: nothing learnt of what the caller may not read.
+    query = f"/fhir/Patient?identifier={NATIONAL_ID}|{visit.national_id}"
+    other = [{"op": "replace", "path": "/gender", "value": "other"}]
+    hidden = _patch_as(strict, auth_headers, "unit-02", query, other)
+    assert hidden.status_code == 404, hidden.text
+    assert visit.patient not in hidden.text
+    assert "you may see" in hidden.text
+    # A relay may not patch at all, whether or not the identifier is known.
+    unknown = f"/fhir/Patient?identifier={NATIONAL_ID}|{fresh_national_id()}"
+    for probe in (query, unknown):
+        assert _patch_as(strict, auth_headers, "relay", probe, other).status_code == 403

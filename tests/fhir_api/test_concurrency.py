@@ -11,7 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.builders import unit_bundle
+from fhir_api.repository import lock_key
+from tests.builders import NATIONAL_ID, patient, unit_bundle
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -72,3 +73,35 @@ def test_in_flight_duplicates_wait_and_return_the_first_answer(
             text("SELECT count(*) FROM fhir_resource_version")
         ).scalar_one()
     assert versions == 202 + 1  # one bundle's entries, and its Provenance
+
+
+def test_a_conditional_update_waits_for_the_lock_of_the_resource_it_found(
+    live_server: str, committed: Engine, auth_headers: Callable[[str], dict[str, str]]
+) -> None:
+    """Writers by id (a patch, an update) hold it: they must not both write one next version."""
+    admin = auth_headers("admin")
+    national_id = f"LOCK-{uuid.uuid4().hex[:8]}"
+    resource = patient(national_id)
+    with httpx.Client(base_url=live_server, timeout=30, headers=admin) as http:
+        created = http.post("/fhir/Patient", json=resource, headers=FHIR_JSON)
+        assert created.status_code == 201, created.text
+        patient_id = created.json()["id"]
+    key = lock_key(f"res:Patient/{patient_id}")
+    with committed.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            updated = pool.submit(
+                lambda: httpx.put(
+                    f"{live_server}/fhir/Patient?identifier={NATIONAL_ID}|{national_id}",
+                    json={**resource, "gender": "male"},
+                    headers={**admin, **FHIR_JSON},
+                    timeout=30,
+                )
+            )
+            # Not a timing assertion: the update cannot finish while the lock is held.
+            with pytest.raises(TimeoutError):
+                updated.result(timeout=1.0)
+            holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            response = updated.result(timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["meta"]["versionId"] == "2"

@@ -96,8 +96,9 @@ def test_a_patch_that_cannot_apply_or_gives_an_invalid_resource_is_422_and_write
     [
         b"not json",
         b"{}",
-        b"[]",
         b'["replace"]',
+        b'[{"op": "move", "from": "gender", "path": "/x"}]',
+        b'[{"op": "copy", "from": 7, "path": "/x"}]',
         b'[{"op": "bogus", "path": "/gender"}]',
         b'[{"op": "replace", "path": "gender", "value": "male"}]',
         b'[{"op": "replace", "path": "/gender"}]',
@@ -120,6 +121,41 @@ def test_other_patch_formats_are_415(client: TestClient) -> None:
     )
     assert response.status_code == 415, response.text
     assert "application/json-patch+json" in str(response.json())
+    assert response.headers["accept-patch"] == "application/json-patch+json"
+
+
+def test_an_empty_patch_changes_nothing(client: TestClient) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-5E'))}"
+    response = _patch(client, path, [])
+    assert response.status_code == 200, response.text
+    assert response.json()["meta"]["versionId"] == "1"
+
+
+def test_a_patch_that_would_grow_past_the_size_limit_is_413(client: TestClient) -> None:
+    """`copy` doubles what it copies: 40 of them would build a resource of terabytes."""
+    resource = patient("PA-5G")
+    resource["extension"] = [{"url": "https://waha.health/x", "valueString": "x" * 1000}]
+    path = f"/fhir/Patient/{create(client, resource)}"
+    doubling = [{"op": "copy", "from": "/extension", "path": "/extension/0/extension"}]
+    doubling += [
+        {"op": "copy", "from": "/extension/0", "path": "/extension/0/extension/-"}
+        for _ in range(40)
+    ]
+    response = _patch(client, path, doubling)
+    assert response.status_code == 413, response.text
+    assert _version(client, path) == "1"
+    many = [{"op": "test", "path": "/id", "value": "x"}] * 1_001
+    assert _patch(client, path, many).status_code == 400
+
+
+def test_binary_is_not_patchable(client: TestClient) -> None:
+    replace = [{"op": "replace", "path": "/contentType", "value": "text/html"}]
+    response = _patch(client, "/fhir/Binary/any", replace)
+    assert response.status_code == 405, response.text
+    statement = client.get("/fhir/metadata").json()
+    assert statement["patchFormat"] == ["application/json-patch+json"]
+    (binary,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Binary"]
+    assert {"code": "patch"} not in binary["interaction"]
 
 
 def test_absent_and_deleted_resources(client: TestClient) -> None:
@@ -282,6 +318,24 @@ def test_a_bad_patch_entry_is_400_naming_the_entry(
     response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
     assert response.status_code == 400, response.text
     assert says in str(response.json()) and "Bundle.entry[0]" in str(response.json())
+
+
+def test_a_patch_entry_takes_wrapped_base64_and_a_charset_but_not_a_version(
+    client: TestClient,
+) -> None:
+    first = create(client, patient("PA-T6"))
+    resource = _binary_patch([{"op": "replace", "path": "/gender", "value": "male"}])
+    data = resource["data"]
+    resource["data"] = "\n".join(data[n : n + 16] for n in range(0, len(data), 16))
+    resource["contentType"] = "application/json-patch+json; charset=utf-8"
+    entry = {"resource": resource, "request": {"method": "PATCH", "url": f"Patient/{first}"}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    entry["request"]["url"] = f"Patient/{first}/_history/1"
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 400, response.text
+    assert "If-Match" in str(response.json())
 
 
 def test_a_batch_answers_each_patch_on_its_own(client: TestClient) -> None:
