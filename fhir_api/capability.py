@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from fhir_api.patches import JSON_PATCH, NOT_PATCHABLE
+from fhir_api.patches import JSON_PATCH, MERGE_PATCH, NOT_PATCHABLE
 from fhir_api.search.geo import DEFAULT_NEAR_KM, KILOMETRES_PER_UNIT
 from fhir_api.search.parser import UNINDEXED
 from fhir_api.search_index import search_parameters_for
@@ -141,7 +141,7 @@ def capability_statement(
         "implementation": {"description": "Waha FHIR R4 record store", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": [JSON_PATCH],
+        "patchFormat": [JSON_PATCH, MERGE_PATCH],
         "rest": [
             {
                 "mode": "server",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -40,9 +41,13 @@ from fhir_api.writes import (
     WriteSettings,
     parse_version_etag,
 )
-from hub.errors import Issue, PayloadTooLarge
+from hub.errors import Issue, PayloadTooLarge, UnsupportedMediaType
 
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+# What a PATCH body may be sent as. Under plain JSON types the body says which:
+# an array is a JSON Patch, an object a merge patch (what fhirpy sends).
+PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, "application/json", "application/fhir+json")
 # Binary content lives in object storage and is written once (imaging_store).
 NOT_PATCHABLE = frozenset({"Binary"})
 # Elements the server owns: a patch may not move a resource to another type or id.
@@ -56,12 +61,43 @@ MAX_OPERATIONS = 1_000
 Operations = list[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """A parsed patch: JSON Patch operations (RFC 6902) or a merge patch (RFC 7386)."""
+
+    operations: Operations | None = None
+    merge: dict[str, Any] | None = None
+
+
+def _loaded(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise UnparsableBody(f"the patch is not JSON: {error}") from error
+
+
 def parse_json_patch(body: bytes) -> Operations:
     """Parse a JSON Patch document, or raise a 400 saying what is wrong with it."""
-    try:
-        operations = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise UnparsableBody(f"the JSON Patch is not JSON: {error}") from error
+    return _checked_operations(_loaded(body))
+
+
+def parse_patch(content_type: str, body: bytes) -> Patch:
+    """Parse a PATCH body by its media type (one of PATCH_TYPES), or raise a 400 or 415."""
+    document = _loaded(body)
+    if content_type == JSON_PATCH or (content_type != MERGE_PATCH and isinstance(document, list)):
+        return Patch(operations=_checked_operations(document))
+    if not isinstance(document, dict):
+        raise UnparsableBody("a merge patch is a JSON object")
+    if content_type != MERGE_PATCH and document.get("resourceType") == "Parameters":
+        error = UnsupportedMediaType(
+            f"FHIRPath Patch is not supported: send a JSON Patch ({JSON_PATCH})"
+        )
+        error.headers["Accept-Patch"] = ", ".join((JSON_PATCH, MERGE_PATCH))
+        raise error
+    return Patch(merge=document)
+
+
+def _checked_operations(operations: Any) -> Operations:
     if not isinstance(operations, list):
         raise UnparsableBody("a JSON Patch is an array of operations")
     if len(operations) > MAX_OPERATIONS:
@@ -84,6 +120,34 @@ def parse_json_patch(body: bytes) -> Operations:
     ) as error:
         raise UnparsableBody(f"the JSON Patch is malformed: {error}") from error
     return operations
+
+
+def merged(target: Any, patch: Any) -> Any:
+    """Return `target` with a merge patch applied (RFC 7386, section 2: null removes)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = merged(result.get(name), value)
+    return result
+
+
+def apply_patch(resource: dict[str, Any], patch: Patch, *, size_limit: int) -> dict[str, Any]:
+    """Return the resource with the patch applied as a whole (422 if it cannot be)."""
+    if patch.operations is not None:
+        patched = apply_json_patch(resource, patch.operations, size_limit=size_limit)
+    else:
+        patched = merged(copy.deepcopy(resource), patch.merge)
+    for element in _FIXED:
+        if patched.get(element) != resource.get(element):
+            raise InvalidResource(
+                f"a patch may not change {element}",
+                issues=[Issue("invalid", f"{element} may not change", element)],
+            )
+    return patched
 
 
 def apply_json_patch(
@@ -112,12 +176,6 @@ def apply_json_patch(
         raise InvalidResource(message, issues=[Issue("processing", message)]) from error
     if not isinstance(patched, dict):
         raise InvalidResource("the patch replaced the resource with something else")
-    for element in _FIXED:
-        if patched.get(element) != resource.get(element):
-            raise InvalidResource(
-                f"a patch may not change {element}",
-                issues=[Issue("invalid", f"{element} may not change", element)],
-            )
     return patched
 
 
@@ -175,9 +233,8 @@ def as_update(
             f"not {entry.if_match}"
         )
     assert current.resource is not None  # noqa: S101 - a current, undeleted version has a body
-    patched = apply_json_patch(
-        current.resource, entry.patch, size_limit=settings.max_resource_bytes
-    )
+    patch: Patch = entry.patch
+    patched = apply_patch(current.resource, patch, size_limit=settings.max_resource_bytes)
     return EntryRequest(
         method="PUT",
         resource_type=resource_type,
@@ -196,7 +253,7 @@ def patch_resource(
     resource_type: str,
     resource_id: str | None,
     query: str | None,
-    operations: Operations,
+    patch: Patch,
     if_match: str | None,
     context: RequestContext,
     settings: WriteSettings,
@@ -208,22 +265,25 @@ def patch_resource(
         resource_id=resource_id,
         query=query,
         if_match=if_match,
-        patch=operations,
+        patch=patch,
     )
     update = as_update(session, entry, context=context, settings=settings)
     engine = TransactionEngine(session, context=context, settings=settings)
     return engine.run([update], locked=True)[0]
 
 
-def binary_json_patch(resource: Any) -> Operations:
-    """Return the JSON Patch a transaction's PATCH entry carries in a Binary (R4 http.html)."""
+def binary_patch(resource: Any) -> Patch:
+    """Return the patch a transaction's PATCH entry carries in a Binary (R4 http.html)."""
     if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
         raise UnparsableBody("FHIRPath Patch is not supported: send a Binary with a JSON Patch")
     if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
         raise UnparsableBody("a PATCH entry's resource is a Binary holding a JSON Patch")
     content_type = resource.get("contentType")
-    if not isinstance(content_type, str) or content_type.split(";")[0].strip() != JSON_PATCH:
-        raise UnparsableBody(f"a PATCH entry's Binary must have contentType {JSON_PATCH}")
+    media_type = content_type.split(";")[0].strip() if isinstance(content_type, str) else ""
+    if media_type not in (JSON_PATCH, MERGE_PATCH):
+        raise UnparsableBody(
+            f"a PATCH entry's Binary must have contentType {JSON_PATCH} or {MERGE_PATCH}"
+        )
     data = resource.get("data")
     try:
         # Line breaks are allowed in base64Binary (MIME-style wrapping).
@@ -235,5 +295,5 @@ def binary_json_patch(resource: Any) -> Operations:
     except binascii.Error:
         body = None
     if body is None:
-        raise UnparsableBody("a PATCH entry's Binary needs its JSON Patch as base64 data")
-    return parse_json_patch(body)
+        raise UnparsableBody("a PATCH entry's Binary needs its patch as base64 data")
+    return parse_patch(media_type, body)

@@ -50,17 +50,17 @@ async def fhir_body(request: Request, settings: SettingsDep) -> bytes:
     return await _limited_body(request, settings)
 
 
-async def json_patch_body(request: Request, settings: SettingsDep) -> bytes:
-    """Read a JSON Patch body, enforcing its media type and size limit."""
+async def patch_body(request: Request, settings: SettingsDep) -> patches.Patch:
+    """Read and parse a PATCH body, enforcing its media type and size limit."""
     content_type = _content_type(request)
-    if content_type != patches.JSON_PATCH:
-        # FHIRPath Patch (a Parameters resource) and XML Patch are R4's other forms.
+    if content_type not in patches.PATCH_TYPES:
+        # XML Patch is R4's third form; FHIRPath Patch comes as a Parameters resource.
         error = UnsupportedMediaType(
             f"patch with a JSON Patch, {patches.JSON_PATCH} (got {content_type or 'nothing'})"
         )
-        error.headers["Accept-Patch"] = patches.JSON_PATCH
+        error.headers["Accept-Patch"] = ", ".join((patches.JSON_PATCH, patches.MERGE_PATCH))
         raise error
-    return await _limited_body(request, settings)
+    return patches.parse_patch(content_type, await _limited_body(request, settings))
 
 
 async def _limited_body(request: Request, settings: Settings) -> bytes:
@@ -99,7 +99,7 @@ async def request_context(request: Request) -> RequestContext:
 
 
 BodyDep = Annotated[bytes, Depends(fhir_body)]
-PatchBodyDep = Annotated[bytes, Depends(json_patch_body)]
+PatchBodyDep = Annotated[patches.Patch, Depends(patch_body)]
 ContextDep = Annotated[RequestContext, Depends(request_context)]
 PreferHeader = Annotated[str | None, Header(alias="Prefer")]
 
@@ -380,19 +380,18 @@ def _patch(
     resource_type: str,
     resource_id: str | None,
     query: str | None,
-    body: bytes,
+    patch: patches.Patch,
     if_match: str | None,
     context: RequestContext,
     settings: Settings,
 ) -> EntryResult:
-    operations = patches.parse_json_patch(body)
     with session_scope() as session:
         return patches.patch_resource(
             session,
             resource_type=resource_type,
             resource_id=resource_id,
             query=query,
-            operations=operations,
+            patch=patch,
             if_match=if_match,
             context=context,
             settings=write_settings(settings),
@@ -409,7 +408,7 @@ def patch(
     prefer: PreferHeader = None,
     if_match: Annotated[str | None, Header(alias="If-Match")] = None,
 ) -> Response:
-    """Patch a resource with a JSON Patch (RFC 6902)."""
+    """Patch a resource with a JSON Patch (RFC 6902) or a merge patch (RFC 7386)."""
     result = _patch(resource_type, resource_id, None, body, if_match, context, settings)
     return _write_response(result, prefer, settings.fhir_base_url)
 

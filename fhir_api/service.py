@@ -135,7 +135,7 @@ def _entry_request(entry: Any, position: int, *, base_url: str) -> EntryRequest:
     patch = None
     if method == "PATCH":
         try:
-            patch = patches.binary_json_patch(resource)
+            patch = patches.binary_patch(resource)
         except WahaError as error:
             raise at(error, f"{path}.resource") from None
     full_url = entry.get("fullUrl")

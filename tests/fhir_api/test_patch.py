@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from fhirpy import SyncFHIRClient
 from sqlalchemy import Engine
 
 from tests.builders import NATIONAL_ID, patient
@@ -121,7 +122,61 @@ def test_other_patch_formats_are_415(client: TestClient) -> None:
     )
     assert response.status_code == 415, response.text
     assert "application/json-patch+json" in str(response.json())
-    assert response.headers["accept-patch"] == "application/json-patch+json"
+    accepted = "application/json-patch+json, application/merge-patch+json"
+    assert response.headers["accept-patch"] == accepted
+    xml = client.patch(
+        path, content=b"<diff/>", headers={"Content-Type": "application/xml-patch+xml"}
+    )
+    assert xml.status_code == 415, xml.text
+    assert xml.headers["accept-patch"] == accepted
+
+
+def test_a_merge_patch_merges_objects_replaces_arrays_and_removes_nulls(
+    client: TestClient,
+) -> None:
+    resource = patient("PA-M1", gender="female")
+    resource["telecom"] = [{"system": "phone", "value": "0600"}]
+    path = f"/fhir/Patient/{create(client, resource)}"
+    merge = {
+        "gender": "male",
+        "telecom": [{"system": "email", "value": "a@waha.health"}],
+        "birthDate": None,
+    }
+    response = client.patch(
+        path, json=merge, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["gender"] == "male" and "birthDate" not in body
+    assert body["telecom"] == [{"system": "email", "value": "a@waha.health"}]
+    assert body["name"] == resource["name"]
+    # Plain JSON: an object is a merge patch, an array a JSON Patch.
+    plain = {"Content-Type": "application/json"}
+    assert client.patch(path, json={"gender": "other"}, headers=plain).json()["gender"] == "other"
+    replace = [{"op": "replace", "path": "/gender", "value": "female"}]
+    assert client.patch(path, json=replace, headers=plain).json()["gender"] == "female"
+    assert _version(client, path) == "4"
+
+
+@pytest.mark.parametrize(
+    ("merge", "status"),
+    [
+        ({"id": "another"}, 422),
+        ({"resourceType": None}, 422),
+        ({"gender": 7}, 422),
+        (["not", "an", "object"], 400),
+        ("text", 400),
+    ],
+)
+def test_a_merge_patch_that_is_not_an_object_or_breaks_the_resource_is_refused(
+    client: TestClient, merge: Any, status: int
+) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-M2'))}"
+    response = client.patch(
+        path, json=merge, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert response.status_code == status, response.text
+    assert _version(client, path) == "1"
 
 
 def test_an_empty_patch_changes_nothing(client: TestClient) -> None:
@@ -153,7 +208,10 @@ def test_binary_is_not_patchable(client: TestClient) -> None:
     response = _patch(client, "/fhir/Binary/any", replace)
     assert response.status_code == 405, response.text
     statement = client.get("/fhir/metadata").json()
-    assert statement["patchFormat"] == ["application/json-patch+json"]
+    assert statement["patchFormat"] == [
+        "application/json-patch+json",
+        "application/merge-patch+json",
+    ]
     (binary,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Binary"]
     assert {"code": "patch"} not in binary["interaction"]
 
@@ -354,3 +412,27 @@ def test_a_batch_answers_each_patch_on_its_own(client: TestClient) -> None:
     statuses = [e["response"]["status"] for e in response.json()["entry"]]
     assert [status.split()[0] for status in statuses] == ["200", "422", "404"]
     assert _version(client, f"/fhir/Patient/{first}") == "2"
+
+
+def test_fhirpy_patches_with_its_own_merge_patches(
+    live_server: str, committed: Engine, auth_headers: AuthHeaders
+) -> None:
+    """fhirpy (a standard client DESIGN.md names) patches with a partial resource as JSON."""
+    client = SyncFHIRClient(
+        f"{live_server}/fhir", authorization=auth_headers("admin")["Authorization"]
+    )
+    national_id = f"PA-FHIRPY-{uuid.uuid4().hex[:8]}"
+    created = client.resource("Patient", **patient(national_id, gender="female"))
+    created.save()
+    patched = client.patch("Patient", created.id, gender="male")
+    assert patched["gender"] == "male"
+    created["birthDate"] = "1970-01-01"
+    created.save(fields=["birthDate"])
+    conditional = client.resources("Patient").search(identifier=national_id).patch(gender="other")
+    assert conditional.id == created.id
+    final = client.reference("Patient", created.id).to_resource()
+    assert (final["gender"], final["birthDate"], final["meta"]["versionId"]) == (
+        "other",
+        "1970-01-01",
+        "4",
+    )
