@@ -631,3 +631,32 @@ def patient_everything(
         )
     )
     return fhir_response(bundle)
+
+
+# Last: its three free segments would otherwise take `[type]/[id]/_history`.
+@router.get("/{compartment}/{compartment_id}/{resource_type}", response_model=None)
+def compartment_search(
+    compartment: str,
+    compartment_id: str,
+    resource_type: str,
+    request: Request,
+    context: ContextDep,
+    settings: SettingsDep,
+    prefer: PreferHeader = None,
+) -> Response:
+    """Search one type within a patient's compartment (`Patient/[id]/Observation?...`)."""
+    context.access.check("search", resource_type)
+    pairs = request.query_params.multi_items()
+    bundle = run_read(
+        lambda session: search.compartment_search(
+            session,
+            compartment=compartment,
+            compartment_id=compartment_id,
+            resource_type=resource_type,
+            pairs=pairs,
+            base_url=settings.fhir_base_url,
+            strict=_strict_handling(prefer),
+            scope=reads.search_scope(context.access),
+        )
+    )
+    return fhir_response(bundle)

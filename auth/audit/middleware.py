@@ -47,6 +47,7 @@ _SUBTYPES: dict[tuple[str, str], str] = {
     ("GET", "/fhir/{resource_type}/{resource_id}/_history"): "history-instance",
     ("GET", "/fhir/{resource_type}/{resource_id}/_history/{version_id}"): "vread",
     ("GET", "/fhir/Patient/{patient_id}/$everything"): "operation",
+    ("GET", "/fhir/{compartment}/{compartment_id}/{resource_type}"): "search-type",
     ("POST", "/fhir/Binary"): "create",
     ("GET", "/fhir/Binary/{binary_id}"): "read",
     ("GET", "/fhir/AuditEvent"): "search-type",
@@ -92,6 +93,8 @@ def _route_patients(scope: Scope) -> tuple[str, ...]:
     params = scope.get("path_params") or {}
     if params.get("patient_id"):
         return (str(params["patient_id"]),)
+    if params.get("compartment") == "Patient" and params.get("compartment_id"):
+        return (str(params["compartment_id"]),)
     if params.get("resource_type") == "Patient" and params.get("resource_id"):
         return (str(params["resource_id"]),)
     return ()

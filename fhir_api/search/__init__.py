@@ -7,6 +7,6 @@ keyset paging, includes and result shaping.
 """
 
 from fhir_api.search.repository import UNRESTRICTED, SearchScope
-from fhir_api.search.service import search, system_search
+from fhir_api.search.service import compartment_search, search, system_search
 
-__all__ = ["UNRESTRICTED", "SearchScope", "search", "system_search"]
+__all__ = ["UNRESTRICTED", "SearchScope", "compartment_search", "search", "system_search"]

@@ -17,10 +17,22 @@ from sqlalchemy.orm import Session
 
 from fhir_api.search import repository
 from fhir_api.search.errors import InvalidSearch, UnknownSearchParameter
-from fhir_api.search.parser import Include, SearchQuery, parse_search
+from fhir_api.search.parser import (
+    AnyOfCriterion,
+    Criterion,
+    IdCriterion,
+    Include,
+    ReferenceCriterion,
+    SearchQuery,
+    parse_search,
+)
 from fhir_api.search.repository import UNRESTRICTED, SearchScope
-from fhir_api.search_index import resource_types, search_parameters_for
-from fhir_api.validation import JSONObject, check_resource_type
+from fhir_api.search_index import (
+    patient_compartment_params,
+    resource_types,
+    search_parameters_for,
+)
+from fhir_api.validation import JSONObject, check_id, check_resource_type
 
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -77,6 +89,44 @@ def _search(
         raise UnknownSearchParameter(
             f"unknown or unsupported search parameters: {', '.join(query.ignored)}"
         )
+    return _run(session, query, base_url=base_url, link_base=link_base, scope=scope)
+
+
+def compartment_search(
+    session: Session,
+    *,
+    compartment: str,
+    compartment_id: str,
+    resource_type: str,
+    pairs: Sequence[tuple[str, str]],
+    base_url: str,
+    strict: bool = False,
+    scope: SearchScope = UNRESTRICTED,
+) -> JSONObject:
+    """Answer `GET [base]/Patient/[id]/[type]?...`: a type search in a patient's compartment."""
+    check_resource_type(resource_type)
+    check_id(compartment_id)
+    if compartment != "Patient":
+        raise InvalidSearch("compartment searches are supported in the Patient compartment")
+    params = patient_compartment_params().get(resource_type, ())
+    if not params and resource_type != "Patient":
+        raise InvalidSearch(f"{resource_type} is not in the Patient compartment")
+    query = parse_search([resource_type], pairs, base_url=base_url)
+    if query.ignored and strict:
+        raise UnknownSearchParameter(
+            f"unknown or unsupported search parameters: {', '.join(query.ignored)}"
+        )
+    # R4 (compartmentdefinition.html): what any of the type's compartment
+    # parameters says is this patient; a Patient is in its own compartment too.
+    patient = f"Patient/{compartment_id}"
+    keys = tuple(
+        key for param in params for key in (f"{param}={patient}", f"{param}={base_url}/{patient}")
+    )
+    member: Criterion = ReferenceCriterion(keys)
+    if resource_type == "Patient":
+        member = AnyOfCriterion((IdCriterion((compartment_id,)), member))
+    query.criteria[resource_type].append(member)
+    link_base = f"{base_url}/{patient}/{resource_type}"
     return _run(session, query, base_url=base_url, link_base=link_base, scope=scope)
 
 

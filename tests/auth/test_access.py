@@ -1062,3 +1062,18 @@ def test_a_unit_patches_only_the_records_it_may_update(
     unknown = f"/fhir/Patient?identifier={NATIONAL_ID}|{fresh_national_id()}"
     for probe in (query, unknown):
         assert _patch_as(strict, auth_headers, "relay", probe, other).status_code == 403
+
+
+def test_a_compartment_search_shows_only_what_the_caller_may_see(
+    strict: TestClient, auth_headers: Headers
+) -> None:
+    put_reference_data(strict, auth_headers)
+    visit = post_visit(strict, auth_headers, "unit-01", fresh_national_id())
+    path = f"/fhir/Patient/{visit.patient}/Observation"
+    own = strict.get(path, headers=auth_headers("unit-01"))
+    assert own.status_code == 200, own.text
+    assert own.json().get("entry")
+    other = strict.get(path, headers=auth_headers("unit-02"))
+    assert other.status_code == 200, other.text
+    assert not other.json().get("entry")
+    assert strict.get(path, headers=auth_headers("relay")).status_code == 403
