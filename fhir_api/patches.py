@@ -137,10 +137,15 @@ def merged(target: Any, patch: Any) -> Any:
 
 def apply_patch(resource: dict[str, Any], patch: Patch, *, size_limit: int) -> dict[str, Any]:
     """Return the resource with the patch applied as a whole (422 if it cannot be)."""
-    if patch.operations is not None:
-        patched = apply_json_patch(resource, patch.operations, size_limit=size_limit)
-    else:
-        patched = merged(copy.deepcopy(resource), patch.merge)
+    try:
+        if patch.operations is not None:
+            patched = apply_json_patch(resource, patch.operations, size_limit=size_limit)
+        else:
+            patched = merged(copy.deepcopy(resource), patch.merge)
+    except RecursionError as error:
+        raise UnparsableBody("the patch nests too deeply") from error
+    if len(orjson.dumps(patched)) > size_limit:
+        raise PayloadTooLarge(f"the patched resource would be over the {size_limit}-byte limit")
     for element in _FIXED:
         if patched.get(element) != resource.get(element):
             raise InvalidResource(

@@ -108,6 +108,9 @@ def compartment_search(
     check_id(compartment_id)
     if compartment != "Patient":
         raise InvalidSearch("compartment searches are supported in the Patient compartment")
+    if resource_type == "AuditEvent":
+        # The audit trail is not in the record store: /fhir/AuditEvent?patient= searches it.
+        raise InvalidSearch("search the audit trail with AuditEvent?patient=")
     params = patient_compartment_params().get(resource_type, ())
     if not params and resource_type != "Patient":
         raise InvalidSearch(f"{resource_type} is not in the Patient compartment")

@@ -1,5 +1,6 @@
 // Drives Waha with fhir-kit-client (npm), as a JavaScript app would; prints what it saw as JSON.
 // Run by tests/clients/test_fhir_kit_client.py with WAHA_FHIR_BASE, WAHA_TOKEN and WAHA_NATIONAL_ID.
+import { randomUUID } from 'node:crypto';
 import { Client } from 'fhir-kit-client';
 
 const client = new Client({ baseUrl: process.env.WAHA_FHIR_BASE, bearerToken: process.env.WAHA_TOKEN });
@@ -33,7 +34,7 @@ const patched = await client.patch({
 seen.patchedGender = patched.gender;
 
 const pulse = (value) => ({
-  fullUrl: `urn:uuid:${crypto.randomUUID()}`,
+  fullUrl: `urn:uuid:${randomUUID()}`,
   resource: {
     resourceType: 'Observation',
     status: 'final',

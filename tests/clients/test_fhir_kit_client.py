@@ -26,6 +26,11 @@ def fhir_kit_client() -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("Node.js and npm are needed to run fhir-kit-client")
+    version = subprocess.run(  # noqa: S603 - node, fixed arguments
+        [node, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        pytest.skip(f"fhir-kit-client needs Node.js 20 or later (found {version.strip()})")
     package = NODE_DIR / "node_modules" / "fhir-kit-client" / "package.json"
     if not package.exists():
         NODE_DIR.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,18 @@ def test_a_merge_patch_that_is_not_an_object_or_breaks_the_resource_is_refused(
     assert _version(client, path) == "1"
 
 
+def test_a_merge_patch_may_not_grow_past_the_limit_nor_nest_too_deeply(
+    client: TestClient,
+) -> None:
+    path = f"/fhir/Patient/{create(client, patient('PA-M3'))}"
+    merge_type = {"Content-Type": "application/merge-patch+json"}
+    big = {"extension": [{"url": "https://waha.health/x", "valueString": "x" * 1_000_000}] * 40}
+    assert client.patch(path, json=big, headers=merge_type).status_code == 413
+    nested = '{"extension":' * 1000 + "1" + "}" * 1000
+    assert client.patch(path, content=nested, headers=merge_type).status_code == 400
+    assert _version(client, path) == "1"
+
+
 def test_an_empty_patch_changes_nothing(client: TestClient) -> None:
     path = f"/fhir/Patient/{create(client, patient('PA-5E'))}"
     response = _patch(client, path, [])
