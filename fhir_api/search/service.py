@@ -84,12 +84,24 @@ def _search(
 ) -> JSONObject:
     for resource_type in resource_types:
         check_resource_type(resource_type)
+    query = _parsed(resource_types, pairs, base_url=base_url, strict=strict)
+    return _run(session, query, base_url=base_url, link_base=link_base, scope=scope)
+
+
+def _parsed(
+    resource_types: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    base_url: str,
+    strict: bool,
+) -> SearchQuery:
+    """Parse a search; under `Prefer: handling=strict` an unknown parameter is a 400."""
     query = parse_search(resource_types, pairs, base_url=base_url)
     if query.ignored and strict:
         raise UnknownSearchParameter(
             f"unknown or unsupported search parameters: {', '.join(query.ignored)}"
         )
-    return _run(session, query, base_url=base_url, link_base=link_base, scope=scope)
+    return query
 
 
 def compartment_search(
@@ -114,11 +126,7 @@ def compartment_search(
     params = patient_compartment_params().get(resource_type, ())
     if not params and resource_type != "Patient":
         raise InvalidSearch(f"{resource_type} is not in the Patient compartment")
-    query = parse_search([resource_type], pairs, base_url=base_url)
-    if query.ignored and strict:
-        raise UnknownSearchParameter(
-            f"unknown or unsupported search parameters: {', '.join(query.ignored)}"
-        )
+    query = _parsed([resource_type], pairs, base_url=base_url, strict=strict)
     # R4 (compartmentdefinition.html): what any of the type's compartment
     # parameters says is this patient; a Patient is in its own compartment too.
     patient = f"Patient/{compartment_id}"
