@@ -34,6 +34,7 @@ from fhir_api.errors import (
 )
 from fhir_api.search import repository as search_repository
 from fhir_api.search_index import IndexValues, extract_index
+from fhir_api.search_index.encoding import local_reference
 from fhir_api.validation import JSONObject, check_id, check_resource_type, validate_resource
 from hub import outbox
 from hub.errors import Issue, WahaError
@@ -433,6 +434,12 @@ class TransactionEngine:
                     matched.add((value.split("/")[0], value.split("/")[1]))
                 if key != "reference" or value.startswith("#"):
                     continue
+                # This server's own absolute URL is stored as the relative
+                # reference it means, so that compartment, access, care
+                # relationships and includes see the patient it names.
+                localized = local_reference(value, self.settings.base_url)
+                if localized is not None:
+                    holder[key] = value = localized
                 local = value[len(base) :] if value.startswith(base) else value
                 parts = local.split("/")
                 if len(parts) in (2, 4) and "://" not in local:

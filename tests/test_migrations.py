@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, make_url, text
 
 from fhir_api.search_index import extract_index
 from hub.cli import alembic_config
-from hub.settings import Settings
+from hub.settings import Settings, get_settings
 from tests.conftest import ADMIN_URL, OWNER_ROLE
 
 
@@ -345,3 +345,53 @@ def test_locations_stored_before_gain_their_position_rows(
         for row in extract_index(document).quantities
     )
     assert [tuple(row) for row in rows] == written
+
+
+def test_resources_naming_a_patient_by_this_servers_url_join_that_patients_compartment(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    base = get_settings().fhir_base_url
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"text": "pouls"},
+        "subject": {"reference": f"{base}/Patient/p1"},
+        "effectiveDateTime": "2026-11-20",
+    }
+    # What ingest wrote before: the absolute key as given, no patient.
+    written = extract_index(observation)
+    assert written.patient_ids == [] and f"subject={base}/Patient/p1" in written.references
+    with _scratch_database(settings, f"waha_local_refs_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0022")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                    " refs, resource) VALUES ('Observation', 'o1', 1, now(),"
+                    " CAST(:refs AS text[]), CAST(:body AS jsonb))"
+                ),
+                {"refs": written.references, "body": json.dumps(observation)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_search_date (resource_type, resource_id, param, low, high)"
+                    " VALUES ('Observation', 'o1', 'date', now(), now())"
+                )
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            row = connection.execute(
+                text("SELECT refs, patient_ids, compartment_key, resource FROM fhir_resource")
+            ).one()
+            date_key = connection.execute(
+                text("SELECT compartment_key FROM fhir_search_date")
+            ).scalar_one()
+        engine.dispose()
+    local = {**observation, "subject": {"reference": "Patient/p1"}}
+    assert row.refs == extract_index(local).references
+    assert row.patient_ids == ["p1"]
+    assert row.compartment_key == date_key == "p1"
+    assert row.resource == observation  # the stored version is as it was written

@@ -542,7 +542,8 @@ class _Parser:
         return ReferenceCriterion(tuple(dict.fromkeys(self._with_absolute(found))))
 
     def _with_absolute(self, keys: list[str]) -> list[str]:
-        # Ingest keeps a reference written as this server's absolute URL as given.
+        # A bundle's new entries are matched in memory before ingest makes their
+        # references to this server's absolute URL local (writes.py).
         absolute = [
             f"{param}={self.base_url}/{value}"
             for param, _, value in (key.partition("=") for key in keys)

@@ -130,9 +130,8 @@ def compartment_search(
     # R4 (compartmentdefinition.html): what any of the type's compartment
     # parameters says is this patient; a Patient is in its own compartment too.
     patient = f"Patient/{compartment_id}"
-    keys = tuple(
-        key for param in params for key in (f"{param}={patient}", f"{param}={base_url}/{patient}")
-    )
+    # Stored references to this server's absolute URL are local (writes.py).
+    keys = tuple(f"{param}={patient}" for param in params)
     member: Criterion = ReferenceCriterion(keys)
     if resource_type == "Patient":
         member = AnyOfCriterion((IdCriterion((compartment_id,)), member))

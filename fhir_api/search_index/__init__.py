@@ -25,7 +25,8 @@ tokens (`IndexValues.tokens`, deduplicated strings)
     (no per-word entries: `:text` matches from the start of the text).
 
 references (`IndexValues.references`, deduplicated `param=value`)
-    Relative `Type/id` (`/_history/n` dropped); absolute URLs as given;
+    Relative `Type/id` (`/_history/n` dropped); absolute URLs as given (the
+    write engine stores this server's own absolute URLs as relative ones);
     canonicals both without `|version` and as given (`canonical_values`).
     Contained (`#x`) references are not indexed. Search keys:
     `reference_query_keys(param, value, targets)` (a bare id expands to every

@@ -127,6 +127,14 @@ def reference_value(reference: str) -> str | None:
     return reference
 
 
+def local_reference(reference: str, base_url: str) -> str | None:
+    """Return `Type/id[/_history/v]` for a reference to this server's absolute URL, else None."""
+    if not base_url or not reference.startswith(base_url + "/"):
+        return None
+    local = reference[len(base_url) + 1 :]
+    return local if _RELATIVE_REFERENCE.match(local) else None
+
+
 def reference_type(reference: str) -> str | None:
     """Return the resource type a reference string points at, when it says so."""
     match = _RELATIVE_REFERENCE.match(reference) or _ABSOLUTE_REFERENCE.search(reference)

@@ -652,6 +652,49 @@ def test_a_reference_to_a_hidden_patient_grants_nothing(
     assert_outcome(everything, 404, "not-found")
 
 
+def test_a_reference_by_this_servers_absolute_url_is_the_patients_like_any_other(
+    api: TestClient, auth_headers: Headers, visit: Visit, settings: Settings
+) -> None:
+    # An absolute URL of this server names the same patient as `Patient/id`: the
+    # resource joins that record, and is hidden from whoever cannot see it.
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    absolute = f"{settings.fhir_base_url}/Patient/{visit.patient}"
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": absolute},
+        "encounter": {"reference": f"{settings.fhir_base_url}/Encounter/{visit.encounter}"},
+        "valueQuantity": {"value": 61, "unit": "/min", "system": "http://unitsofmeasure.org"},
+    }
+    created = api.post("/fhir/Observation", json=observation, headers=unit_01)
+    assert created.status_code == 201, created.text
+    stored = created.json()
+    assert stored["subject"]["reference"] == f"Patient/{visit.patient}"
+    assert stored["encounter"]["reference"] == f"Encounter/{visit.encounter}"
+    path = f"/fhir/Observation/{stored['id']}"
+    assert api.get(path, headers=unit_01).status_code == 200
+    assert_outcome(api.get(path, headers=unit_02), 404, "not-found")
+    for query in (
+        "/fhir/Observation?code=http://loinc.org|8867-4&_count=100",
+        f"/fhir/Observation?subject={absolute}",
+    ):
+        assert f"Observation/{stored['id']}" not in entries(_search(api, unit_02, query))
+    compartment = api.get(f"/fhir/Patient/{visit.patient}/Observation", headers=unit_02)
+    assert compartment.status_code in (200, 404), compartment.text
+    if compartment.status_code == 200:
+        assert entries(compartment.json()) == []
+    for query in (f"subject={absolute}", f"subject=Patient/{visit.patient}"):
+        found = _search(api, unit_01, f"/fhir/Observation?{query}&_count=100")
+        assert f"Observation/{stored['id']}" in entries(found), query
+    everything = api.get(f"/fhir/Patient/{visit.patient}/$everything", headers=unit_01)
+    assert f"Observation/{stored['id']}" in entries(everything.json())
+    # Nor is the absolute form a way into a hidden record.
+    smuggled = {key: value for key, value in observation.items() if key != "encounter"}
+    refused = api.post("/fhir/Observation", json=smuggled, headers=unit_02)
+    assert refused.status_code in (404, 422), refused.text
+
+
 def test_a_specialist_may_not_delete_at_all(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:

@@ -1,0 +1,91 @@
+"""References written as this server's absolute URL count as the local ones they are
+
+Revision ID: 0023
+Revises: 0022
+Create Date: 2026-12-06 02:30:00
+"""
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+from fhir_api.search_index import extract_index
+from fhir_api.search_index.encoding import local_reference
+from hub.settings import get_settings
+
+revision: str = "0023"
+down_revision: str | None = "0022"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SIDE_TABLES = ("fhir_search_string", "fhir_search_date", "fhir_search_quantity", "fhir_search_uri")
+
+
+def _localized(node: Any, base_url: str) -> Any:
+    """Return `node` with every Reference.reference to `base_url` made relative."""
+    if isinstance(node, dict):
+        out = {key: _localized(value, base_url) for key, value in node.items()}
+        reference = node.get("reference")
+        if isinstance(reference, str):
+            out["reference"] = local_reference(reference, base_url) or reference
+        return out
+    if isinstance(node, list):
+        return [_localized(item, base_url) for item in node]
+    return node
+
+
+def upgrade() -> None:
+    # The write engine now stores `{base}/Patient/x` as `Patient/x`. Resources
+    # stored before kept the absolute form, so their index named no patient:
+    # every unit could see them. Their stored documents stay as they were
+    # written (a version is immutable); their keys, patients and compartment
+    # are derived again as the indexer derives them from the local form.
+    base_url = get_settings().fhir_base_url
+    connection = op.get_bind()
+    rows = connection.execute(
+        sa.text(
+            "SELECT resource_type, id, resource FROM fhir_resource"
+            " WHERE NOT deleted AND resource IS NOT NULL"
+            " AND EXISTS (SELECT 1 FROM unnest(refs) AS ref"
+            "             WHERE starts_with(split_part(ref, '=', 2), :prefix))"
+        ),
+        {"prefix": base_url + "/"},
+    ).all()
+    for resource_type, resource_id, document in rows:
+        index = extract_index(_localized(copy.deepcopy(document), base_url))
+        patient_ids = sorted(index.patient_ids)
+        compartment_key = resource_id if resource_type == "Patient" else None
+        if compartment_key is None and patient_ids:
+            compartment_key = patient_ids[0]
+        owner = {"type": resource_type, "id": resource_id, "key": compartment_key}
+        connection.execute(
+            sa.text(
+                "UPDATE fhir_resource SET refs = CAST(:refs AS text[]),"
+                " patient_ids = CAST(:patients AS text[]), compartment_key = :key"
+                " WHERE resource_type = :type AND id = :id"
+            ),
+            {**owner, "refs": index.references, "patients": patient_ids},
+        )
+        for table in SIDE_TABLES:
+            connection.execute(
+                sa.text(
+                    f"UPDATE {table} SET compartment_key = :key"
+                    " WHERE resource_type = :type AND resource_id = :id"
+                ),
+                owner,
+            )
+        connection.execute(
+            sa.text(
+                "UPDATE fhir_resource_version SET compartment_key = :key"
+                " WHERE resource_type = :type AND id = :id"
+            ),
+            owner,
+        )
+
+
+def downgrade() -> None:
+    # The derived keys are correct under the earlier code too: nothing to undo.
+    pass
