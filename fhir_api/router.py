@@ -50,8 +50,8 @@ async def fhir_body(request: Request, settings: SettingsDep) -> bytes:
     return await _limited_body(request, settings)
 
 
-async def patch_body(request: Request, settings: SettingsDep) -> patches.Patch:
-    """Read and parse a PATCH body, enforcing its media type and size limit."""
+async def patch_body(request: Request, settings: SettingsDep) -> tuple[str, bytes]:
+    """Read a PATCH body and its media type, enforcing both and the size limit."""
     content_type = _content_type(request)
     if content_type not in patches.PATCH_TYPES:
         # XML Patch is R4's third form; FHIRPath Patch comes as a Parameters resource.
@@ -60,7 +60,9 @@ async def patch_body(request: Request, settings: SettingsDep) -> patches.Patch:
         )
         error.headers["Accept-Patch"] = ", ".join((patches.JSON_PATCH, patches.MERGE_PATCH))
         raise error
-    return patches.parse_patch(content_type, await _limited_body(request, settings))
+    # Parsed in the route's worker thread (`_patch`): a large body must not
+    # hold the event loop.
+    return content_type, await _limited_body(request, settings)
 
 
 async def _limited_body(request: Request, settings: Settings) -> bytes:
@@ -99,7 +101,7 @@ async def request_context(request: Request) -> RequestContext:
 
 
 BodyDep = Annotated[bytes, Depends(fhir_body)]
-PatchBodyDep = Annotated[patches.Patch, Depends(patch_body)]
+PatchBodyDep = Annotated[tuple[str, bytes], Depends(patch_body)]
 ContextDep = Annotated[RequestContext, Depends(request_context)]
 PreferHeader = Annotated[str | None, Header(alias="Prefer")]
 
@@ -380,11 +382,12 @@ def _patch(
     resource_type: str,
     resource_id: str | None,
     query: str | None,
-    patch: patches.Patch,
+    body: tuple[str, bytes],
     if_match: str | None,
     context: RequestContext,
     settings: Settings,
 ) -> EntryResult:
+    patch = patches.parse_patch(*body)
     with session_scope() as session:
         return patches.patch_resource(
             session,
