@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-# Pinned: the version whose behaviour this test was written against.
-FHIR_KIT_CLIENT = "fhir-kit-client@2.0.3"
+# Pinned with every transitive dependency (package-lock.json beside this file).
+LOCK = Path(__file__).with_name("package-lock.json")
+MANIFEST = Path(__file__).with_name("package.json")
 SCRIPT = Path(__file__).with_name("fhir_kit_client.mjs")
-# Installed once per checkout, outside the source tree's tracked files.
+# Installed once per lock, outside the source tree's tracked files.
 NODE_DIR = Path(__file__).resolve().parents[2] / "var" / "node-clients"
 
 
@@ -31,23 +32,21 @@ def fhir_kit_client() -> Path:
     ).stdout
     if int(version.lstrip("v").split(".")[0]) < 20:
         pytest.skip(f"fhir-kit-client needs Node.js 20 or later (found {version.strip()})")
-    package = NODE_DIR / "node_modules" / "fhir-kit-client" / "package.json"
-    if not package.exists():
+    marker = NODE_DIR / ".installed-lock"
+    lock = LOCK.read_text()
+    if not marker.exists() or marker.read_text() != lock:
         NODE_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(  # noqa: S603 - npm, fixed arguments
-            [
-                npm,
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--prefix",
-                str(NODE_DIR),
-                FHIR_KIT_CLIENT,
-            ],
-            check=True,
+        shutil.copy(MANIFEST, NODE_DIR / MANIFEST.name)
+        shutil.copy(LOCK, NODE_DIR / LOCK.name)
+        install = subprocess.run(  # noqa: S603 - npm, fixed arguments
+            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)],
             capture_output=True,
+            text=True,
             timeout=300,
         )
+        if install.returncode != 0:
+            pytest.fail(f"npm ci failed (exit {install.returncode}):\n{install.stderr[-4000:]}")
+        marker.write_text(lock)
     # ESM resolves packages from the script's own folder upwards.
     shutil.copy(SCRIPT, NODE_DIR / SCRIPT.name)
     return NODE_DIR
