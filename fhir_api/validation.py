@@ -17,6 +17,7 @@ from fhir_api.errors import (
     UnparsableBody,
     UnsupportedResourceType,
 )
+from fhir_api.required_codes import code_issues
 from hub.errors import Issue
 
 JSONObject = dict[str, Any]
@@ -124,6 +125,11 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> JSO
         ) from None
     except (TypeError, ValueError) as error:
         raise InvalidResource(f"{resource_type} is not valid R4: {error}") from None
+    issues = code_issues(resource)
+    if issues:
+        raise InvalidResource(
+            f"{resource_type} is not valid R4: {issues[0].diagnostics}", issues=issues
+        )
     return resource
 
 

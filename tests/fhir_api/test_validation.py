@@ -1,4 +1,4 @@
-"""Which R4 types Waha stores, and the id rule."""
+"""Which R4 types Waha stores, the id rule, and R4's required code bindings."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fhir_api.validation import (
     r4_resource_types,
     supported_resource_types,
     types_without_model,
+    validate_resource,
 )
 from tests.builders import patient
 
@@ -58,3 +59,72 @@ def test_if_none_match_star_refuses_to_overwrite(client: TestClient) -> None:
         "/fhir/Patient/inm2", json=patient(id="inm2"), headers={**FHIR_JSON, "If-None-Match": "*"}
     )
     assert created.status_code == 201
+
+
+def test_a_code_outside_its_required_value_set_is_refused_and_nothing_stored(
+    client: TestClient,
+) -> None:
+    robot = {**patient(id="code1"), "gender": "robot"}
+    response = client.put("/fhir/Patient/code1", json=robot, headers=FHIR_JSON)
+    assert response.status_code == 422, response.text
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "code-invalid"
+    assert issue["expression"] == ["Patient.gender"]
+    assert "administrative-gender" in issue["diagnostics"]
+    assert "female, male, other, unknown" in issue["diagnostics"]
+    assert client.get("/fhir/Patient/code1").status_code == 404
+
+
+def test_bound_codes_are_checked_in_data_types_backbones_and_contained_resources() -> None:
+    observation = {
+        "resourceType": "Observation",
+        "status": "done",
+        "code": {"text": "pouls"},
+        "valueQuantity": {"value": 60, "comparator": "about"},
+        "referenceRange": [{"low": {"value": 1}}],
+        "component": [{"code": {"text": "x"}, "valueQuantity": {"value": 1, "comparator": "<"}}],
+        "contained": [{"resourceType": "Patient", "id": "p", "name": [{"use": "nick"}]}],
+        "extension": [{"url": "http://example.org/x", "valueQuantity": {"comparator": "~"}}],
+    }
+    with pytest.raises(InvalidResource) as refused:
+        validate_resource(observation)
+    assert [(issue.code, issue.expression) for issue in refused.value.issues] == [
+        ("code-invalid", "Observation.status"),
+        ("code-invalid", "Observation.valueQuantity.comparator"),
+        ("code-invalid", "Observation.contained[0].name[0].use"),
+        ("code-invalid", "Observation.extension[0].valueQuantity.comparator"),
+    ]
+
+
+def test_codes_from_every_part_of_a_value_set_are_accepted() -> None:
+    # Value sets assembled from several code systems, hierarchies and imports.
+    validate_resource(
+        {
+            "resourceType": "Observation",
+            "status": "entered-in-error",
+            "code": {"text": "x"},
+            "valueQuantity": {"value": 1, "comparator": ">="},
+            "effectiveTiming": {"repeat": {"periodUnit": "wk", "when": ["ACM", "MORN"]}},
+        }
+    )
+    validate_resource({"resourceType": "Patient", "telecom": [{"system": "sms", "use": "mobile"}]})
+
+
+def test_bundle_entries_name_the_entry_of_a_bad_code(client: TestClient) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": patient(id="code2"), "request": {"method": "PUT", "url": "Patient/code2"}},
+            {
+                "resource": {**patient(id="code3"), "gender": "M"},
+                "request": {"method": "PUT", "url": "Patient/code3"},
+            },
+        ],
+    }
+    response = client.post("/fhir", json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 422, response.text
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "code-invalid"
+    assert issue["expression"] == ["Bundle.entry[1].resource.gender"]
+    assert client.get("/fhir/Patient/code2").status_code == 404
