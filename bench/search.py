@@ -50,7 +50,7 @@ from bench.common import (
     print_checks,
 )
 from bench.population import SID_NATIONAL_ID
-from fhir_api.reads import search_scope
+from fhir_api.scope import search_scope
 from fhir_api.search import SearchScope
 from fhir_api.search import parser as search_parser
 from fhir_api.search import repository as search_repository

@@ -33,6 +33,7 @@ from fhir_api.errors import (
     UnparsableBody,
     VersionConflict,
 )
+from fhir_api.scope import search_scope
 from fhir_api.search import repository as search_repository
 from fhir_api.writes import (
     EntryRequest,
@@ -198,7 +199,7 @@ def _target(session: Session, entry: EntryRequest, context: RequestContext, base
         entry.resource_type,
         [criterion.search for criterion in criteria],
         limit=2,
-        scope=reads.search_scope(context.access),
+        scope=search_scope(context.access),
     )
     if len(found) > 1:
         raise PreconditionFailed(

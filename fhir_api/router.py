@@ -15,6 +15,7 @@ from fhir_api import patches, reads, search, service
 from fhir_api.capability import capability_statement
 from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
 from fhir_api.errors import UnparsableBody
+from fhir_api.scope import search_scope
 from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
 from hub.db import run_read, session_scope
@@ -138,10 +139,15 @@ def _resource_headers(result: EntryResult, base_url: str) -> dict[str, str]:
         headers["ETag"] = f'W/"{result.version_id}"'
     if result.last_updated is not None:
         headers["Last-Modified"] = result.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT")
-    if result.status == 201 and result.resource_type and result.resource_id:
-        headers["Location"] = (
+    if result.resource_type and result.resource_id and result.version_id is not None:
+        location = (
             f"{base_url}/{result.resource_type}/{result.resource_id}/_history/{result.version_id}"
         )
+        if result.status == 201:
+            headers["Location"] = location
+        elif result.status == 200:
+            # A conditional create's match, an update: which version this is.
+            headers["Content-Location"] = location
     return headers
 
 
@@ -152,7 +158,8 @@ def _write_response(result: EntryResult, prefer: str | None, base_url: str) -> R
     wanted = _prefer_return(prefer)
     if wanted == "minimal":
         return Response(status_code=result.status, headers=headers)
-    if wanted == "OperationOutcome":
+    if wanted == "OperationOutcome" or result.resource is None:
+        # No resource: a person matched whose record the caller may not read yet.
         message = f"{result.resource_type}/{result.resource_id} version {result.version_id}"
         return fhir_response(service.outcome_for(message), result.status, headers)
     return fhir_response(result.resource, result.status, headers)
@@ -288,7 +295,7 @@ def system_search(
             pairs=request.query_params.multi_items(),
             base_url=settings.fhir_base_url,
             strict=_strict_handling(prefer),
-            scope=reads.search_scope(context.access),
+            scope=search_scope(context.access),
         )
     )
     return fhir_response(bundle)
@@ -309,7 +316,7 @@ def _search(
             pairs=pairs,
             base_url=settings.fhir_base_url,
             strict=_strict_handling(prefer),
-            scope=reads.search_scope(context.access),
+            scope=search_scope(context.access),
         )
     )
     return fhir_response(bundle)
@@ -659,7 +666,7 @@ def compartment_search(
             pairs=pairs,
             base_url=settings.fhir_base_url,
             strict=_strict_handling(prefer),
-            scope=reads.search_scope(context.access),
+            scope=search_scope(context.access),
         )
     )
     return fhir_response(bundle)

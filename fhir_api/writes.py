@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl
 
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,7 @@ from fhir_api.errors import (
     at,
     nest_expression,
 )
+from fhir_api.scope import search_scope
 from fhir_api.search import repository as search_repository
 from fhir_api.search_index import IndexValues, extract_index
 from fhir_api.search_index.encoding import local_reference
@@ -163,6 +165,21 @@ def _iter_reference_holders(node: Any, path: str) -> Iterator[tuple[dict[str, An
             yield from _iter_reference_holders(item, f"{path}[{position}]")
 
 
+def names_a_person(resource_type: str, query: str) -> bool:
+    """Tell whether criteria name a Patient by identifiers only (`identifier=system|value`)."""
+    if resource_type != "Patient":
+        return False
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return bool(pairs) and all(
+        name == "identifier" and _system_and_value(value) for name, value in pairs
+    )
+
+
+def _system_and_value(value: str) -> bool:
+    system, bar, code = value.partition("|")
+    return bool(bar and system and code) and "," not in value and "|" not in code
+
+
 def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
     """Return the advisory-lock keys a write of these entries must hold."""
     keys: list[str] = []
@@ -292,14 +309,22 @@ class TransactionEngine:
         criteria = criteria_module.parse_criteria(
             resource_type, query, base_url=self.settings.base_url
         )
-        if all(criterion.kind == "token" for criterion in criteria):
-            # The unit profile's If-None-Exist (identifier=system|value) takes this path.
+        if names_a_person(resource_type, query):
+            # One record per person (DESIGN.md): a Patient named by identifier is
+            # matched whichever unit made it. The unit profile's If-None-Exist
+            # takes this path.
             found = repository.list_ids_by_tokens(
                 self.session, resource_type, [c.keys for c in criteria], limit=2
             )
         else:
+            # Any other criteria match only what the caller may see: a hidden
+            # match must neither answer, nor count, nor open a record.
             found = search_repository.list_ids(
-                self.session, resource_type, [c.search for c in criteria], limit=2
+                self.session,
+                resource_type,
+                [c.search for c in criteria],
+                limit=2,
+                scope=search_scope(self.context.access),
             )
         for other in created:
             if other.entry.resource_type != resource_type or other.target_id is None:
@@ -700,13 +725,19 @@ class TransactionEngine:
         assert entry.resource_type is not None and item.target_id is not None  # noqa: S101
         row = repository.get_current(self.session, entry.resource_type, item.target_id)
         assert row is not None  # noqa: S101 - it was just found under lock
+        # A person matched by identifier may be someone else's patient: the
+        # match is told (one record per person), the record is not shown.
+        condition = self.context.access.row_condition(repository.RESOURCE)
+        hidden = condition is not None and bool(
+            repository.list_hidden(self.session, [(entry.resource_type, item.target_id)], condition)
+        )
         return EntryResult(
             200,
             entry.resource_type,
             item.target_id,
             row.version_id,
             row.last_updated,
-            row.resource,
+            None if hidden else row.resource,
         )
 
     def _read(self, item: _Planned) -> EntryResult:

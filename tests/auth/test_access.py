@@ -624,6 +624,125 @@ def test_a_conditional_write_does_not_reveal_a_hidden_id(
         assert visit.patient not in orjson.dumps(outcome).decode()
 
 
+def _heart_rate(subject: JSON) -> JSON:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": subject,
+        "valueQuantity": {"value": 99, "unit": "/min", "system": "http://unitsofmeasure.org"},
+    }
+
+
+def test_a_conditional_create_does_not_match_or_show_what_the_caller_cannot_see(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    unit_02 = auth_headers("unit-02")
+    show = {**unit_02, "Prefer": "return=representation"}
+    for criteria in (
+        f"_id={visit.observation}",
+        f"subject=Patient/{visit.patient}",
+        f"code=http://loinc.org|8867-4&subject=Patient/{visit.patient}",
+    ):
+        answer = api.post(
+            "/fhir/Observation",
+            json=_heart_rate({"display": "walk-in"}),
+            headers={**show, "If-None-Exist": criteria},
+        )
+        # No hidden match: a new resource of the caller's own.
+        assert answer.status_code == 201, (criteria, answer.text)
+        assert answer.json()["id"] != visit.observation
+        assert visit.patient not in answer.text
+    # A Patient named by anything but an identifier is not a person match either.
+    answer = api.post(
+        "/fhir/Patient",
+        json={"resourceType": "Patient"},
+        headers={**show, "If-None-Exist": f"_id={visit.patient}"},
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["id"] != visit.patient
+    assert_outcome(api.get(f"/fhir/Patient/{visit.patient}", headers=unit_02), 404, "not-found")
+
+
+def test_a_person_matched_by_identifier_is_told_but_not_shown(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # One record per person: the match stands, whichever unit made the record;
+    # its content waits for a care relationship.
+    unit_02 = {**auth_headers("unit-02"), "Prefer": "return=representation"}
+    criteria = f"identifier={NATIONAL_ID}|{visit.national_id}"
+    answer = api.post(
+        "/fhir/Patient",
+        json={"resourceType": "Patient", "identifier": [{"system": NATIONAL_ID, "value": "x"}]},
+        headers={**unit_02, "If-None-Exist": criteria},
+    )
+    assert answer.status_code == 200, answer.text
+    matched = answer.headers["Content-Location"].split("/fhir/")[1]
+    assert matched.startswith(f"Patient/{visit.patient}/_history/")
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert "El Idrissi" not in answer.text and visit.national_id not in answer.text
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient"},
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": criteria},
+            }
+        ],
+    }
+    answered = api.post("/fhir", json=batch, headers=unit_02)
+    assert answered.status_code == 200, answered.text
+    assert "resource" not in answered.json()["entry"][0]
+    assert visit.national_id not in answered.text
+
+
+def test_a_conditional_reference_reaches_only_what_the_caller_may_see(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    unit_02 = auth_headers("unit-02")
+    for reference in (f"Patient?_id={visit.patient}", "Patient?family=El Idrissi"):
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "resource": _heart_rate({"reference": reference}),
+                    "request": {"method": "POST", "url": "Observation"},
+                }
+            ],
+        }
+        answer = api.post("/fhir", json=bundle, headers=unit_02)
+        assert answer.status_code == 412, answer.text
+        assert "matched 0 resources" in answer.text
+    assert_outcome(api.get(f"/fhir/Patient/{visit.patient}", headers=unit_02), 404, "not-found")
+    hidden = api.get(f"/fhir/Observation/{visit.observation}", headers=unit_02)
+    assert_outcome(hidden, 404, "not-found")
+
+
+def test_conditional_writes_count_no_hidden_matches(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # Whether a hidden patient has matching data must not show in the answer.
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    api.post(
+        "/fhir/Observation",
+        json=_heart_rate({"reference": f"Patient/{visit.patient}"}),
+        headers=unit_01,
+    )
+    for criteria in (f"subject=Patient/{visit.patient}", "subject=Patient/nobody"):
+        deleted = api.delete(f"/fhir/Observation?{criteria}", headers=unit_02)
+        assert deleted.status_code == 204, (criteria, deleted.text)
+    answer = api.post(
+        "/fhir/Observation",
+        json=_heart_rate({"display": "walk-in"}),
+        headers={**unit_02, "If-None-Exist": f"subject=Patient/{visit.patient}"},
+    )
+    assert answer.status_code == 201, answer.text
+    seen = api.get(f"/fhir/Observation?subject=Patient/{visit.patient}", headers=unit_01)
+    assert len(entries(seen.json(), "match")) == 2  # both still there
+
+
 def test_a_reference_to_a_hidden_patient_grants_nothing(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from auth.policy import access_for
 from auth.tokens import Principal
-from fhir_api.reads import search_scope
+from fhir_api.scope import search_scope
 from fhir_api.search import SearchScope
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
