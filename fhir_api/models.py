@@ -109,6 +109,9 @@ class ResourceVersionRow(Base):
     method: Mapped[str] = mapped_column(Text)
     deleted: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     compartment_key: Mapped[str | None] = mapped_column(Text)
+    # The patients this version names (a deletion: those of the version it
+    # ends), so that each version is shown only to whoever may see them.
+    patient_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
     author: Mapped[str | None] = mapped_column(Text)
     resource: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 

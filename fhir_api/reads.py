@@ -90,7 +90,13 @@ def vread_resource(
     _check_visible(session, resource_type, resource_id, access, audit)
     if not version_id.isdigit():
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id!r}")
-    row = repository.get_version(session, resource_type, resource_id, int(version_id))
+    row = repository.get_version(
+        session,
+        resource_type,
+        resource_id,
+        int(version_id),
+        condition=access.row_condition(repository.VERSION),
+    )
     if row is None:
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id}")
     if row.deleted:
@@ -149,7 +155,7 @@ def history_bundle(
         since=since,
         before=before,
         limit=page.count + 1,
-        condition=None if resource_id is not None else access.row_condition,
+        condition=access.row_condition,
     )
     more = len(rows) > page.count
     rows = rows[: page.count]

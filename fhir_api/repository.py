@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from typing import cast as typing_cast
 
 import orjson
@@ -48,6 +48,7 @@ SIDE_TABLES = (SearchStringRow, SearchDateRow, SearchQuantityRow, SearchUriRow)
 RESOURCE = typing_cast(Table, ResourceRow.__table__)
 # The current row of a historical version, where the caller's scope is checked.
 CURRENT = RESOURCE.alias("current_row")
+VERSION = typing_cast(Table, ResourceVersionRow.__table__)
 
 
 @dataclass(slots=True)
@@ -64,6 +65,9 @@ class VersionWrite:
     resource: dict[str, Any] | None
     index: IndexValues | None
     replaces_existing: bool
+    # A deletion keeps the patients of the version it ends: its tombstone and
+    # history stay theirs (an empty list would make them everyone's).
+    kept_patient_ids: Sequence[str] = ()
 
 
 def lock_key(text_key: str) -> int:
@@ -118,22 +122,33 @@ def get_current(
 # Fixed SQL texts on the ingest path: compiled once by SQLAlchemy and, being
 # the same string every time, prepared once per connection by psycopg.
 _CURRENT_VERSIONS = text(
-    "SELECT r.resource_type, r.id, r.version_id, r.deleted FROM fhir_resource AS r "
+    "SELECT r.resource_type, r.id, r.version_id, r.deleted, r.patient_ids FROM fhir_resource AS r "
     "JOIN unnest(CAST(:types AS text[]), CAST(:ids AS text[])) AS k(resource_type, id) "
     "USING (resource_type, id)"
 )
 
 
+class CurrentVersion(NamedTuple):
+    """What a write needs to know of a resource's current row."""
+
+    version_id: int
+    deleted: bool
+    patient_ids: list[str]
+
+
 def list_current_versions(
     session: Session, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], tuple[int, bool]]:
-    """Return (version, deleted) of each existing (type, id) among `keys`."""
+) -> dict[tuple[str, str], CurrentVersion]:
+    """Return the current version of each existing (type, id) among `keys`."""
     if not keys:
         return {}
     rows = session.execute(
         _CURRENT_VERSIONS, {"types": [k[0] for k in keys], "ids": [k[1] for k in keys]}
     )
-    return {(r.resource_type, r.id): (r.version_id, r.deleted) for r in rows}
+    return {
+        (r.resource_type, r.id): CurrentVersion(r.version_id, r.deleted, list(r.patient_ids))
+        for r in rows
+    }
 
 
 _CURRENT_DOCUMENTS = text(
@@ -158,7 +173,7 @@ def list_current_documents(
 def list_existing(session: Session, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
     """Return which (type, id) pairs exist and are not deleted."""
     versions = list_current_versions(session, keys)
-    return {key for key, (_, deleted) in versions.items() if not deleted}
+    return {key for key, version in versions.items() if not version.deleted}
 
 
 @functools.cache
@@ -182,10 +197,23 @@ def list_ids_by_tokens(
 
 
 def get_version(
-    session: Session, resource_type: str, resource_id: str, version_id: int
+    session: Session,
+    resource_type: str,
+    resource_id: str,
+    version_id: int,
+    *,
+    condition: ColumnElement[bool] | None = None,
 ) -> ResourceVersionRow | None:
-    """Return one historical version."""
-    return session.get(ResourceVersionRow, (resource_type, resource_id, version_id))
+    """Return one historical version, if `condition` (over VERSION) lets it be seen."""
+    if condition is None:
+        return session.get(ResourceVersionRow, (resource_type, resource_id, version_id))
+    statement = select(ResourceVersionRow).where(
+        ResourceVersionRow.resource_type == resource_type,
+        ResourceVersionRow.id == resource_id,
+        ResourceVersionRow.version_id == version_id,
+        condition,
+    )
+    return session.execute(statement).scalar_one_or_none()
 
 
 _RESOURCE_COLUMNS = (
@@ -222,10 +250,22 @@ _VERSION_COLUMNS = (
     "method",
     "deleted",
     "compartment_key",
+    "patient_ids",
     "author",
     "resource",
 )
-_VERSION_TYPES = ("text", "text", "int4", "timestamptz", "text", "bool", "text", "text", "jsonb")
+_VERSION_TYPES = (
+    "text",
+    "text",
+    "int4",
+    "timestamptz",
+    "text",
+    "bool",
+    "text",
+    "text[]",
+    "text",
+    "jsonb",
+)
 _OWNER = ("resource_type", "resource_id", "compartment_key", "param")
 _OWNER_TYPES = ("text", "text", "text", "text")
 _SIDE_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -257,7 +297,7 @@ def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
     replaced: list[tuple[str, str]] = []
     for write in writes:
         index = write.index
-        patient_ids = sorted(index.patient_ids) if index else []
+        patient_ids = sorted(index.patient_ids if index else write.kept_patient_ids)
         compartment_key = patient_ids[0] if patient_ids else None
         if write.resource_type == "Patient":
             compartment_key = write.id
@@ -292,6 +332,7 @@ def write_versions(session: Session, writes: Sequence[VersionWrite]) -> None:
                 write.method,
                 write.deleted,
                 compartment_key,
+                patient_ids,
                 write.author,
                 document,
             )
@@ -345,10 +386,15 @@ def list_history(
 ) -> list[ResourceVersionRow]:
     """Return versions newest first, from a keyset cursor (last_updated, type, id, vid).
 
-    `condition` (the caller's row scope) is checked on each version's current row.
+    `condition` (the caller's row scope) is checked on each version and on its
+    resource's current row: a version naming a patient the caller may not see
+    stays hidden after the resource moved to another.
     """
     statement = select(ResourceVersionRow)
     visible = condition(CURRENT) if condition is not None else None
+    visible_version = condition(VERSION) if condition is not None else None
+    if visible_version is not None:
+        statement = statement.where(visible_version)
     if visible is not None:
         statement = statement.where(
             exists(

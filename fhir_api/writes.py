@@ -36,7 +36,7 @@ from fhir_api.errors import (
 from fhir_api.scope import search_scope
 from fhir_api.search import repository as search_repository
 from fhir_api.search_index import IndexValues, extract_index
-from fhir_api.search_index.encoding import local_reference
+from fhir_api.search_index.encoding import local_reference, server_path
 from fhir_api.validation import JSONObject, check_id, check_resource_type, validate_resource
 from hub import outbox
 from hub.errors import Issue, WahaError
@@ -465,6 +465,11 @@ class TransactionEngine:
                 localized = local_reference(value, self.settings.base_url)
                 if localized is not None:
                     holder[key] = value = localized
+                elif server_path(value, self.settings.base_url) is not None:
+                    raise DanglingReference(
+                        f"{where} names this server but no resource (use Type/id)",
+                        issues=[Issue("not-found", "not a resource URL of this server", where)],
+                    )
                 local = value[len(base) :] if value.startswith(base) else value
                 parts = local.split("/")
                 if len(parts) in (2, 4) and "://" not in local:
@@ -604,6 +609,9 @@ class TransactionEngine:
                     resource=resource,
                     index=index,
                     replaces_existing=existing is not None,
+                    kept_patient_ids=existing.patient_ids
+                    if existing is not None and entry.method == "DELETE"
+                    else (),
                 )
             )
             events.append(

@@ -395,3 +395,55 @@ def test_resources_naming_a_patient_by_this_servers_url_join_that_patients_compa
     assert row.patient_ids == ["p1"]
     assert row.compartment_key == date_key == "p1"
     assert row.resource == observation  # the stored version is as it was written
+
+
+def test_versions_and_deletions_stored_before_gain_their_patients(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    def observation(version: int, patient: str) -> dict[str, object]:
+        return {
+            "resourceType": "Observation",
+            "id": "o1",
+            "meta": {"versionId": str(version)},
+            "status": "final",
+            "code": {"text": "pouls"},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+
+    versions = [(1, False, observation(1, "p1")), (2, False, observation(2, "p2")), (3, True, None)]
+    with _scratch_database(settings, f"waha_version_patients_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0023")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            # What a deletion left before: a tombstone naming no patient.
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                    " deleted) VALUES ('Observation', 'o1', 3, now(), true)"
+                )
+            )
+            for version, deleted, document in versions:
+                connection.execute(
+                    text(
+                        "INSERT INTO fhir_resource_version (resource_type, id, version_id,"
+                        " last_updated, method, deleted, resource) VALUES ('Observation', 'o1',"
+                        " :version, now(), 'PUT', :deleted, CAST(:body AS jsonb))"
+                    ),
+                    {
+                        "version": version,
+                        "deleted": deleted,
+                        "body": json.dumps(document) if document else None,
+                    },
+                )
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            by_version = connection.execute(
+                text("SELECT version_id, patient_ids FROM fhir_resource_version ORDER BY 1")
+            ).all()
+            tombstone = connection.execute(
+                text("SELECT patient_ids, compartment_key FROM fhir_resource")
+            ).one()
+        engine.dispose()
+    assert [tuple(row) for row in by_version] == [(1, ["p1"]), (2, ["p2"]), (3, ["p2"])]
+    assert tuple(tombstone) == (["p2"], "p2")

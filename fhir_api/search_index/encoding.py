@@ -12,6 +12,8 @@ import re
 import unicodedata
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import urlsplit
 
 DATE_MIN = datetime.min.replace(tzinfo=UTC)
 DATE_MAX = datetime.max.replace(tzinfo=UTC)
@@ -127,12 +129,46 @@ def reference_value(reference: str) -> str | None:
     return reference
 
 
+def server_path(reference: str, base_url: str) -> str | None:
+    """Return what follows `base_url` in a URL naming this server, else None.
+
+    The URL names this server whatever the case of its scheme and host, over
+    http or https, and with doubled slashes after the base (RFC 3986 6.2.2).
+    """
+    if not base_url or "://" not in reference:
+        return None
+    if reference.startswith(base_url + "/"):
+        return reference[len(base_url) + 1 :].lstrip("/")
+    base, given = urlsplit(base_url), urlsplit(reference.strip())
+    base_path = base.path.rstrip("/")
+    if (
+        given.scheme.lower() in ("http", "https")
+        and given.netloc.lower() == base.netloc.lower()
+        and given.path.startswith(base_path + "/")
+        and not given.query
+        and not given.fragment
+    ):
+        return given.path[len(base_path) :].lstrip("/")
+    return None
+
+
 def local_reference(reference: str, base_url: str) -> str | None:
     """Return `Type/id[/_history/v]` for a reference to this server's absolute URL, else None."""
-    if not base_url or not reference.startswith(base_url + "/"):
-        return None
-    local = reference[len(base_url) + 1 :]
-    return local if _RELATIVE_REFERENCE.match(local) else None
+    local = server_path(reference, base_url)
+    return local if local is not None and _RELATIVE_REFERENCE.match(local) else None
+
+
+def localized(node: Any, base_url: str) -> Any:
+    """Return a copy of `node` with every Reference.reference to `base_url` made relative."""
+    if isinstance(node, dict):
+        out = {key: localized(value, base_url) for key, value in node.items()}
+        reference = node.get("reference")
+        if isinstance(reference, str):
+            out["reference"] = local_reference(reference, base_url) or reference
+        return out
+    if isinstance(node, list):
+        return [localized(item, base_url) for item in node]
+    return node
 
 
 def reference_type(reference: str) -> str | None:

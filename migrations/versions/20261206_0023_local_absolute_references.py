@@ -5,15 +5,14 @@ Revises: 0022
 Create Date: 2026-12-06 02:30:00
 """
 
-import copy
 from collections.abc import Sequence
-from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from alembic import op
 
 from fhir_api.search_index import extract_index
-from fhir_api.search_index.encoding import local_reference
+from fhir_api.search_index.encoding import localized
 from hub.settings import get_settings
 
 revision: str = "0023"
@@ -22,19 +21,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SIDE_TABLES = ("fhir_search_string", "fhir_search_date", "fhir_search_quantity", "fhir_search_uri")
-
-
-def _localized(node: Any, base_url: str) -> Any:
-    """Return `node` with every Reference.reference to `base_url` made relative."""
-    if isinstance(node, dict):
-        out = {key: _localized(value, base_url) for key, value in node.items()}
-        reference = node.get("reference")
-        if isinstance(reference, str):
-            out["reference"] = local_reference(reference, base_url) or reference
-        return out
-    if isinstance(node, list):
-        return [_localized(item, base_url) for item in node]
-    return node
 
 
 def upgrade() -> None:
@@ -50,12 +36,13 @@ def upgrade() -> None:
             "SELECT resource_type, id, resource FROM fhir_resource"
             " WHERE NOT deleted AND resource IS NOT NULL"
             " AND EXISTS (SELECT 1 FROM unnest(refs) AS ref"
-            "             WHERE starts_with(split_part(ref, '=', 2), :prefix))"
+            "             WHERE strpos(lower(split_part(ref, '=', 2)), :server) > 0)"
         ),
-        {"prefix": base_url + "/"},
+        # Any spelling of this server's address; `localized` decides which name it.
+        {"server": "://" + urlsplit(base_url).netloc.lower() + "/"},
     ).all()
     for resource_type, resource_id, document in rows:
-        index = extract_index(_localized(copy.deepcopy(document), base_url))
+        index = extract_index(localized(document, base_url))
         patient_ids = sorted(index.patient_ids)
         compartment_key = resource_id if resource_type == "Patient" else None
         if compartment_key is None and patient_ids:

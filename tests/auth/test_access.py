@@ -743,6 +743,62 @@ def test_conditional_writes_count_no_hidden_matches(
     assert len(entries(seen.json(), "match")) == 2  # both still there
 
 
+def test_a_deleted_resource_stays_its_patients(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    path = f"/fhir/Observation/{visit.observation}"
+    assert api.delete(path, headers=unit_01).status_code == 204
+    assert_outcome(api.get(path, headers=unit_01), 410, "deleted")
+    for hidden in (path, f"{path}/_history", f"{path}/_history/1"):
+        assert_outcome(api.get(hidden, headers=unit_02), 404, "not-found")
+    for history in ("/fhir/Observation/_history?_count=100", "/fhir/_history?_count=100"):
+        listed = history_ids(api.get(history, headers=unit_02).json())
+        assert f"Observation/{visit.observation}" not in listed, history
+    assert len(api.get(f"{path}/_history", headers=unit_01).json()["entry"]) == 2
+
+
+def test_a_deleted_patient_cannot_be_taken_over_by_recreating_it(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    path = f"/fhir/Patient/{visit.patient}"
+    assert api.delete(path, headers=unit_01).status_code == 204
+    recreated = api.put(
+        path, json={"resourceType": "Patient", "id": visit.patient}, headers=unit_02
+    )
+    assert_outcome(recreated, 404, "not-found")
+    for hidden in (f"/fhir/Observation/{visit.observation}", f"/fhir/Encounter/{visit.encounter}"):
+        assert_outcome(api.get(hidden, headers=unit_02), 404, "not-found")
+    # Its own units may bring it back.
+    restored = api.put(path, json={"resourceType": "Patient", "id": visit.patient}, headers=unit_01)
+    assert restored.status_code == 201, restored.text
+
+
+def test_each_version_is_shown_only_to_whoever_may_see_its_patients(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # An Observation filed under the wrong patient and moved: its first
+    # version still names the first patient, whom the other unit may not see.
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    shared = post_visit(api, auth_headers, "unit-02", fresh_national_id())
+    post_visit(api, auth_headers, "unit-01", shared.national_id)
+    path = f"/fhir/Observation/{visit.observation}"
+    current = api.get(path, headers=unit_01).json()
+    moved = {key: value for key, value in current.items() if key not in ("meta", "encounter")}
+    moved["subject"] = {"reference": f"Patient/{shared.patient}"}
+    assert api.put(path, json=moved, headers=unit_01).status_code == 200
+    assert api.get(path, headers=unit_02).status_code == 200
+    assert api.get(f"{path}/_history/2", headers=unit_02).status_code == 200
+    assert_outcome(api.get(f"{path}/_history/1", headers=unit_02), 404, "not-found")
+    versions = api.get(f"{path}/_history", headers=unit_02).json()
+    assert [entry["response"]["etag"] for entry in versions["entry"]] == ['W/"2"']
+    assert visit.patient not in orjson.dumps(versions).decode()
+    listed = api.get("/fhir/Observation/_history?_count=200", headers=unit_02).json()
+    assert visit.patient not in orjson.dumps(listed).decode()
+    assert len(api.get(f"{path}/_history", headers=unit_01).json()["entry"]) == 2
+
+
 def test_a_reference_to_a_hidden_patient_grants_nothing(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:
@@ -808,6 +864,19 @@ def test_a_reference_by_this_servers_absolute_url_is_the_patients_like_any_other
         assert f"Observation/{stored['id']}" in entries(found), query
     everything = api.get(f"/fhir/Patient/{visit.patient}/$everything", headers=unit_01)
     assert f"Observation/{stored['id']}" in entries(everything.json())
+    # Other spellings of this server's address name the same patient.
+    host = settings.fhir_base_url.split("://", 1)[1]
+    for alias in (f"https://{host}", f"HTTP://{host}", f"{settings.fhir_base_url}/"):
+        spelled = {**observation, "subject": {"reference": f"{alias}/Patient/{visit.patient}"}}
+        answer = api.post("/fhir/Observation", json=spelled, headers=unit_01)
+        assert answer.status_code == 201, (alias, answer.text)
+        assert answer.json()["subject"]["reference"] == f"Patient/{visit.patient}"
+        assert_outcome(
+            api.get(f"/fhir/Observation/{answer.json()['id']}", headers=unit_02), 404, "not-found"
+        )
+    # A URL of this server that names no resource is refused, not stored as foreign.
+    odd = {**observation, "subject": {"reference": f"{absolute}/"}}
+    assert_outcome(api.post("/fhir/Observation", json=odd, headers=unit_01), 422, "not-found")
     # Nor is the absolute form a way into a hidden record.
     smuggled = {key: value for key, value in observation.items() if key != "encounter"}
     refused = api.post("/fhir/Observation", json=smuggled, headers=unit_02)
