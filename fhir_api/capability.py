@@ -158,6 +158,8 @@ def capability_statement(
                     {"name": "_id", "type": "token"},
                     {"name": "_lastUpdated", "type": "date"},
                 ],
+                # Patient/[id]/[type] searches the patient compartment.
+                "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             }
         ],
     }

@@ -51,3 +51,8 @@ def test_types_outside_the_compartment_and_other_compartments_are_400(
         assert response.json()["resourceType"] == "OperationOutcome"
     # The history of a resource keeps its own route.
     assert client.get(f"/fhir/Patient/{fatima}/_history").json()["type"] == "history"
+
+
+def test_the_capability_statement_names_the_patient_compartment(client: TestClient) -> None:
+    rest = client.get("/fhir/metadata").json()["rest"][0]
+    assert rest["compartment"] == ["http://hl7.org/fhir/CompartmentDefinition/patient"]
