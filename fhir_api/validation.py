@@ -108,6 +108,10 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> JSO
     check_resource_type(resource_type)
     if "id" in resource and isinstance(resource["id"], str):
         check_id(resource["id"])
+    try:
+        prune_empty(resource)
+    except RecursionError:
+        raise InvalidResource(f"{resource_type} nests too deeply to be R4") from None
     model = get_fhir_model_class(resource_type)
     try:
         model.model_validate(resource)
@@ -125,7 +129,12 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> JSO
         ) from None
     except (TypeError, ValueError) as error:
         raise InvalidResource(f"{resource_type} is not valid R4: {error}") from None
-    issues = code_issues(resource)
+    except RecursionError:
+        raise InvalidResource(f"{resource_type} nests too deeply to be R4") from None
+    try:
+        issues = code_issues(resource)
+    except RecursionError:
+        raise InvalidResource(f"{resource_type} nests too deeply to be R4") from None
     if issues:
         raise InvalidResource(
             f"{resource_type} is not valid R4: {issues[0].diagnostics}", issues=issues
@@ -137,3 +146,25 @@ def _describe(item: Any) -> str:
     if item["type"] == "extra_forbidden":
         return f"unknown element {_fhirpath(item['loc'])!r}"
     return f"{_fhirpath(item['loc'])}: {item['msg']}"
+
+
+def prune_empty(node: dict[str, Any]) -> None:
+    """Drop null members and empty objects and arrays, in place (R4 JSON has none).
+
+    Lenient as common servers are (a client's `"birthDate": null` means no
+    birth date), and nothing empty is ever stored. An array item may be null
+    only where a sibling array (`_name` for `name`) aligns extensions with it.
+    """
+    for key in list(node):
+        value = node[key]
+        if isinstance(value, dict):
+            prune_empty(value)
+        elif isinstance(value, list):
+            aligned = (key[1:] if key.startswith("_") else f"_{key}") in node
+            for item in value:
+                if isinstance(item, dict):
+                    prune_empty(item)
+            if not aligned:
+                value[:] = [item for item in value if item is not None and item != {}]
+        if value is None or value == {} or value == []:
+            del node[key]

@@ -128,3 +128,46 @@ def test_bundle_entries_name_the_entry_of_a_bad_code(client: TestClient) -> None
     assert issue["code"] == "code-invalid"
     assert issue["expression"] == ["Bundle.entry[1].resource.gender"]
     assert client.get("/fhir/Patient/code2").status_code == 404
+
+
+def test_nulls_and_empty_elements_are_dropped_before_storing(client: TestClient) -> None:
+    sent = {
+        **patient(id="empty1"),
+        "birthDate": None,
+        "meta": {},
+        "telecom": [],
+        "maritalStatus": {"coding": [{}]},
+        "address": [{"line": ["1 rue Atlas", None], "city": "Taroudant"}],
+    }
+    response = client.put("/fhir/Patient/empty1", json=sent, headers=FHIR_JSON)
+    assert response.status_code == 201, response.text
+    stored = client.get("/fhir/Patient/empty1").json()
+    assert "birthDate" not in stored and "telecom" not in stored
+    assert "maritalStatus" not in stored
+    assert stored["address"] == [{"line": ["1 rue Atlas"], "city": "Taroudant"}]
+    # A null that aligns a primitive's extension with its value stays.
+    aligned = {
+        "resourceType": "Patient",
+        "name": [
+            {
+                "given": ["Fatima", None],
+                "_given": [None, {"extension": [{"url": "http://x", "valueString": "y"}]}],
+            }
+        ],
+    }
+    assert validate_resource(aligned)["name"][0]["given"] == ["Fatima", None]
+
+
+def test_a_resource_nested_beyond_reason_is_a_clear_error(client: TestClient) -> None:
+    # Built as text: JSON encoders refuse this depth themselves.
+    depth = 450  # within the JSON parser's limit, beyond the validators' recursion
+    body = (
+        '{"resourceType": "Patient", "extension": '
+        + '[{"url": "http://example.org/x", "extension": ' * depth
+        + '[{"url": "http://example.org/x", "valueString": "x"}]'
+        + "}]" * depth
+        + "}"
+    )
+    response = client.post("/fhir/Patient", content=body, headers=FHIR_JSON)
+    assert response.status_code == 422, response.text
+    assert "nests too deeply" in response.json()["issue"][0]["diagnostics"]
