@@ -281,6 +281,7 @@ def load_demo_images(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, 
         author=f"Device/{DEMO_UNIT}",
         request_id="demo-images",
         access=UNRESTRICTED_ACCESS,
+        unit=DEMO_UNIT,
     )
     counts = {"uploaded": 0, "restored": 0, "present": 0}
     for image in demo_images(seed):
@@ -292,7 +293,7 @@ def load_demo_images(settings: Settings, *, seed: int = DEMO_SEED) -> dict[str, 
                 rows = [
                     row
                     for row in repository.list_binary_objects_by_sha256(
-                        session, owner_client_id=DEMO_UNIT, sha256=content.sha256
+                        session, owner_client_id=caller.owner, sha256=content.sha256
                     )
                     if row.security_context == f"Patient/{patient_id}"
                 ]

@@ -106,5 +106,19 @@ class RequestContext:
     access: AccessControl = UNRESTRICTED_ACCESS
     audit: AuditNotes | None = None
 
+    @property
+    def owner(self) -> str:
+        """Return who owns what this caller leaves behind (see `owner_of`)."""
+        return owner_of(self.client_id, self.author, self.unit)
+
+
+def owner_of(client_id: str, author: str, unit: str | None) -> str:
+    """Return whose a bundle receipt or an upload is: a unit's client, or the person.
+
+    People share the browser and CLI clients, so for them the client says
+    nothing about who sent something: their own name does.
+    """
+    return client_id if unit else f"user:{author}"
+
 
 SYSTEM_CONTEXT = RequestContext(client_id="waha-system", author="waha-system", request_id="-")

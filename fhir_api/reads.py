@@ -192,7 +192,11 @@ def history_bundle(
     # so those get a total only when the whole history fits on this first page.
     if resource_id is not None:
         bundle["total"] = repository.count_history(
-            session, resource_type=resource_type, resource_id=resource_id, since=since
+            session,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            since=since,
+            condition=access.row_condition(repository.VERSION),
         )
     elif not more and not page.cursor:
         bundle["total"] = len(rows)

@@ -431,10 +431,17 @@ def list_history(
 
 
 def count_history(
-    session: Session, *, resource_type: str | None, resource_id: str | None, since: datetime | None
+    session: Session,
+    *,
+    resource_type: str | None,
+    resource_id: str | None,
+    since: datetime | None,
+    condition: ColumnElement[bool] | None = None,
 ) -> int:
-    """Count versions in a history view."""
+    """Count the versions in a history view that `condition` (over VERSION) lets be seen."""
     statement = select(func.count()).select_from(ResourceVersionRow)
+    if condition is not None:
+        statement = statement.where(condition)
     if resource_type is not None:
         statement = statement.where(ResourceVersionRow.resource_type == resource_type)
     if resource_id is not None:

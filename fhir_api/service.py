@@ -228,10 +228,10 @@ def process_bundle(
     lock_keys = lock_keys_for(requests)
     if identifier is not None:
         digest = hashlib.sha256(orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)).digest()
-        lock_keys.append(f"bundle:{context.client_id}:{identifier}")
+        lock_keys.append(f"bundle:{context.owner}:{identifier}")
     _lock_bundle(session, lock_keys, limits.idempotency_wait_seconds)
     if identifier is not None:
-        receipt = repository.get_receipt(session, context.client_id, identifier)
+        receipt = repository.get_receipt(session, context.owner, identifier)
         if receipt is not None:
             if receipt.content_sha256 != digest:
                 raise IdempotencyConflict(
@@ -258,7 +258,7 @@ def process_bundle(
     if identifier is not None:
         repository.add_receipt(
             session,
-            client_id=context.client_id,
+            client_id=context.owner,
             bundle_identifier=identifier,
             content_sha256=digest,
             status=200,

@@ -55,7 +55,7 @@ class BundledBinaryStore:
             resource,
             storage=storage_for(self.storage),
             limit=self.max_binary_bytes,
-            client_id=context.client_id,
+            owner=context.owner,
         )
 
 
@@ -103,7 +103,7 @@ def store_bundled_binary(
     *,
     storage: BinaryStorage,
     limit: int,
-    client_id: str,
+    owner: str,
 ) -> None:
     """Store a written Binary's `data` in object storage and remove it from the resource."""
     binary_id = resource.get("id")
@@ -145,7 +145,7 @@ def store_bundled_binary(
                     sha256=content.sha256,
                     sha1=content.sha1,
                     object_key=object_key(binary_id),
-                    owner_client_id=client_id,
+                    owner_client_id=owner,
                     security_context=(
                         context_reference if isinstance(context_reference, str) else None
                     ),
@@ -158,7 +158,7 @@ def store_bundled_binary(
                 binary_id=binary_id,
                 content_type=content_type,
                 size=content.size,
-                client_id=client_id,
+                owner=owner,
             )
     finally:
         content.close()

@@ -190,7 +190,12 @@ def _visible_binary(
         raise _not_found(cited)
     try:
         binary_service.check_binary_access(
-            session, row, access=context.access, client_id=context.client_id, base_url=base_url
+            session,
+            row,
+            access=context.access,
+            client_id=context.client_id,
+            owner=context.owner,
+            base_url=base_url,
         )
     except BinaryNotFound:
         raise _not_found(cited) from None

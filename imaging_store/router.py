@@ -43,6 +43,7 @@ async def upload_caller(request: Request) -> service.Caller:
         author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
         audit=audit,
+        unit=getattr(access, "unit", None),
     )
 
 

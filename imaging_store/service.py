@@ -32,7 +32,13 @@ import structlog
 from sqlalchemy.orm import Session
 
 from fhir_api import service as fhir_service
-from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
+from fhir_api.context import (
+    UNRESTRICTED_ACCESS,
+    AccessControl,
+    AuditNotes,
+    RequestContext,
+    owner_of,
+)
 from fhir_api.writes import EntryRequest, WriteSettings
 from hub.errors import WahaError
 from hub.settings import Settings
@@ -89,6 +95,23 @@ class Caller:
     access: AccessControl = UNRESTRICTED_ACCESS
     # Where the request's audit event learns which Binary and patients it touched.
     audit: AuditNotes | None = None
+    # The unit a unit client uploads for (None for people).
+    unit: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """Return who owns what this caller uploads (a unit's client, or the person)."""
+        return owner_of(self.client_id, self.author, self.unit)
+
+    def request_context(self) -> RequestContext:
+        """Return this caller as the record store's writes and reads see it."""
+        return RequestContext(
+            client_id=self.client_id,
+            author=self.author,
+            request_id=self.request_id,
+            unit=self.unit,
+            access=self.access,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +395,7 @@ def record_upload(
     resource: JSONObject | None = None,
 ) -> StoredBinary:
     """Store one uploaded Binary: sniff its type, write its records, then its object."""
+    caller.access.check("create", "Binary")
     content_type = sniff_content_type(content.head, valid_text=content.valid_text)
     binary_id = str(uuid.uuid4())
     document: JSONObject = {
@@ -392,7 +416,7 @@ def record_upload(
             object_key=object_key(binary_id),
             # Access hook: the owner decides who may read until a Media or
             # DocumentReference in a patient's compartment references it.
-            owner_client_id=caller.client_id,
+            owner_client_id=caller.owner,
             security_context=context_reference if isinstance(context_reference, str) else None,
         ),
     )
@@ -405,13 +429,16 @@ def record_upload(
             resource=document,
             fresh_id=True,
         ),
-        context=RequestContext(
-            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-        ),
+        # The caller's own rights: a securityContext naming a record it may
+        # not see is refused exactly like one naming nothing.
+        context=caller.request_context(),
         settings=WriteSettings(
             base_url=base_url, enforce_referential_integrity=enforce_referential_integrity
         ),
     )
+    # As the write engine stored it (this server's absolute URLs made local).
+    stored_context = ((result.resource or {}).get("securityContext") or {}).get("reference")
+    row.security_context = stored_context if isinstance(stored_context, str) else None
     content.store(storage, row.object_key, content_type)
     assert result.version_id is not None and result.last_updated is not None  # noqa: S101
     log.info(
@@ -436,6 +463,28 @@ def current_binary(
     session: Session, *, binary_id: str, caller: Caller, base_url: str
 ) -> tuple[JSONObject, int, datetime, BinaryObjectRow]:
     """Return a readable Binary: resource, version, time and row (404/410, access rules)."""
+    # Access first: whether another caller's Binary exists, or was deleted,
+    # is not for this caller to learn (404 either way).
+    row = repository.get_binary_object(session, binary_id)
+    if row is None:
+        # Purged, or never stored: the resource answers, as this caller may see
+        # it (410 for an administrator, 404 for everyone else).
+        fhir_service.run_interaction(
+            session,
+            EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
+            context=caller.request_context(),
+            settings=WriteSettings(base_url=base_url),
+        )
+        raise BinaryNotFound(f"Binary/{binary_id} is not known")
+    check_binary_access(
+        session,
+        row,
+        access=caller.access,
+        client_id=caller.client_id,
+        owner=caller.owner,
+        base_url=base_url,
+        audit=caller.audit,
+    )
     # The Binary resource decides existence (404 absent, 410 deleted), so a
     # deletion through any FHIR path hides the bytes too.
     result = fhir_service.run_interaction(
@@ -446,17 +495,8 @@ def current_binary(
         ),
         settings=WriteSettings(base_url=base_url),
     )
-    row = repository.get_binary_object(session, binary_id)
-    if row is None or row.deleted_at is not None or result.resource is None:
+    if row.deleted_at is not None or result.resource is None:
         raise BinaryNotFound(f"Binary/{binary_id} has no stored content")
-    check_binary_access(
-        session,
-        row,
-        access=caller.access,
-        client_id=caller.client_id,
-        base_url=base_url,
-        audit=caller.audit,
-    )
     assert result.version_id is not None and result.last_updated is not None  # noqa: S101
     return result.resource, result.version_id, result.last_updated, row
 
@@ -467,12 +507,13 @@ def check_binary_access(
     *,
     access: AccessControl,
     client_id: str,
+    owner: str,
     base_url: str,
     audit: AuditNotes | None = None,
 ) -> None:
     """Raise 404 unless the caller may see this Binary (DESIGN.md "Access rules").
 
-    A Binary belongs to the uploading client; once it names a patient or an
+    A Binary belongs to its uploader (`owner_of`); once it names a patient or an
     encounter (X-Security-Context, Binary.securityContext), or a Media or
     DocumentReference about a patient cites it, it follows that record:
     whoever may read the Patient or Encounter may read the Binary. `audit`,
@@ -480,7 +521,7 @@ def check_binary_access(
     """
     access.check("read", "Binary")
     linked: list[str] | None = None
-    if not (access.unrestricted or row.owner_client_id == client_id):
+    if not (access.unrestricted or row.owner_client_id == owner):
         linked = repository.list_linked_patient_ids(session, row.id)
         targets = [row.security_context or "", *(f"Patient/{p}" for p in linked)]
         if not any(
@@ -605,8 +646,20 @@ def delete_binary(
 ) -> tuple[int | None, datetime | None]:
     """Delete a Binary: the resource gets a deleted version, the row a deletion time.
 
-    The object stays until the retention purge removes it (issue 6, later).
+    The object stays until the retention purge removes it. Only who may read
+    the Binary may delete it, and only in a role that may delete at all.
     """
+    caller.access.check("delete", "Binary")
+    row = repository.get_binary_object(session, binary_id)
+    if row is not None:
+        check_binary_access(
+            session,
+            row,
+            access=caller.access,
+            client_id=caller.client_id,
+            owner=caller.owner,
+            base_url=base_url,
+        )
     result = fhir_service.run_interaction(
         session,
         EntryRequest(method="DELETE", resource_type="Binary", resource_id=binary_id),

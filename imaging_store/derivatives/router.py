@@ -55,6 +55,7 @@ def _request_context(request: Request) -> RequestContext:
         client_id=client_id,
         author=getattr(access, "author", client_id),
         request_id=getattr(request.state, "request_id", "-"),
+        unit=getattr(access, "unit", None),
         access=access,
         audit=audit,
     )

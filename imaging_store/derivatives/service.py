@@ -355,6 +355,7 @@ def get_visible_binary(
         request_id=context.request_id,
         access=context.access,
         audit=context.audit,
+        unit=context.unit,
     )
     *_, row = binary_service.current_binary(
         session, binary_id=binary_id, caller=caller, base_url=base_url

@@ -265,9 +265,8 @@ def _context_reference(key: str, value: str) -> str:
 
 
 def _request_context(caller: Caller) -> RequestContext:
-    return RequestContext(
-        client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-    )
+    # The caller's own rights: a context it may not see is one that is not there.
+    return caller.request_context()
 
 
 def _security_context(
@@ -310,7 +309,7 @@ def _status(row: TusUploadRow) -> UploadStatus:
 
 def _visible(row: TusUploadRow | None, *, caller: Caller, now: datetime) -> TusUploadRow:
     # Another client's upload answers exactly like a missing one.
-    if row is None or row.owner_client_id != caller.client_id:
+    if row is None or row.owner_client_id != caller.owner:
         raise UploadNotFound("no such upload")
     if row.expires_at <= now:
         if row.state == COMPLETED:
@@ -455,11 +454,12 @@ def _new_upload(
     now: datetime,
     lease: uuid.UUID | None = None,
 ) -> TusUploadRow:
+    caller.access.check("create", "Binary")
     metadata = parse_upload_metadata(upload_metadata)
     security_context = _security_context(session, metadata, caller=caller, settings=settings)
     row = TusUploadRow(
         id=uuid.uuid4().hex,
-        owner_client_id=caller.client_id,
+        owner_client_id=caller.owner,
         length=length,
         upload_offset=0,
         upload_metadata=upload_metadata.strip() if upload_metadata else None,
@@ -961,7 +961,7 @@ def terminate_upload(
 ) -> None:
     """Drop an upload and its stored parts (tus termination); a finished Binary stays."""
     row = repository.lock_upload(session, upload_id)
-    if row is None or row.owner_client_id != caller.client_id:
+    if row is None or row.owner_client_id != caller.owner:
         raise UploadNotFound("no such upload")
     if _leased(row, now):
         raise UploadBusy(f"upload {upload_id} is being written by another request")

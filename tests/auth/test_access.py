@@ -793,10 +793,31 @@ def test_each_version_is_shown_only_to_whoever_may_see_its_patients(
     assert_outcome(api.get(f"{path}/_history/1", headers=unit_02), 404, "not-found")
     versions = api.get(f"{path}/_history", headers=unit_02).json()
     assert [entry["response"]["etag"] for entry in versions["entry"]] == ['W/"2"']
+    assert versions["total"] == 1
     assert visit.patient not in orjson.dumps(versions).decode()
     listed = api.get("/fhir/Observation/_history?_count=200", headers=unit_02).json()
     assert visit.patient not in orjson.dumps(listed).decode()
     assert len(api.get(f"{path}/_history", headers=unit_01).json()["entry"]) == 2
+
+
+def test_a_bundle_replay_is_only_its_senders(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # People share the CLI client: the same identifier from another person is
+    # their own bundle, processed under their own rights, not someone's replay.
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "identifier": {"system": "urn:waha:test", "value": f"report-{uuid.uuid4()}"},
+        "entry": [{"request": {"method": "GET", "url": f"Patient/{visit.patient}"}}],
+    }
+    first = api.post("/fhir", json=bundle, headers=auth_headers("coordinator"))
+    assert first.status_code == 200, first.text
+    assert first.json()["entry"][0]["response"]["status"].startswith("200")
+    other = api.post("/fhir", json=bundle, headers=auth_headers("specialist.derm"))
+    assert other.status_code == 200, other.text
+    assert other.json()["entry"][0]["response"]["status"].startswith("404")
+    assert "El Idrissi" not in other.text
 
 
 def test_a_reference_to_a_hidden_patient_grants_nothing(

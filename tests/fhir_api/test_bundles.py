@@ -269,7 +269,7 @@ def test_request_id_is_echoed_and_generated(client: TestClient) -> None:
 def test_duplicate_waits_only_as_long_as_allowed(db_engine: Engine, session: Session) -> None:
     bundle = unit_bundle("INFLIGHT", observations=1)
     identifier = f"{bundle['identifier']['system']}|{bundle['identifier']['value']}"
-    key = repository.lock_key(f"bundle:{SYSTEM_CONTEXT.client_id}:{identifier}")
+    key = repository.lock_key(f"bundle:{SYSTEM_CONTEXT.owner}:{identifier}")
     # Another connection holds the bundle's key, as an in-flight twin would.
     with db_engine.connect() as twin:
         twin.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})

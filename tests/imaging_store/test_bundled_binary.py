@@ -274,7 +274,7 @@ def test_the_security_context_names_the_owner_record(client: TestClient, session
     assert row is not None
     assert row.security_context == patient_ref
     assert row.content_type == "image/png"
-    assert row.owner_client_id == "waha-cli"  # the admin user logs in through the CLI client
+    assert row.owner_client_id == "user:admin"  # the person, not the CLI client they share
 
 
 @pytest.mark.usefixtures("binary_store")

@@ -276,7 +276,11 @@ def caller_of(settings: Settings, tokens: TokenSource, name: str) -> Caller:
     """Describe a real caller as the upload routes do, from a real token."""
     access = access_for(TokenValidator.from_settings(settings).validate(tokens.token(name)))
     return Caller(
-        client_id=access.client_id, author=access.author, request_id="test", access=access
+        client_id=access.client_id,
+        author=access.author,
+        request_id="test",
+        access=access,
+        unit=access.unit,
     )
 
 
@@ -942,3 +946,86 @@ def test_an_upload_naming_nothing_gets_no_media(
 )
 def test_binary_id_of(url: str | None, expected: str | None) -> None:
     assert media.binary_id_of(url, base_url="http://base/fhir") == expected
+
+
+# --- who may upload, delete and name a context ------------------------------------------
+
+
+@pytest.mark.usefixtures("reference_data")
+def test_only_roles_that_write_may_upload_and_only_owners_may_delete(
+    client: TestClient, auth_headers: Headers, unit_01: dict[str, str]
+) -> None:
+    binary_id = upload(client, unit_01, samples.jpeg())
+    for role in ("relay", "ministry"):
+        refused = client.post(
+            "/fhir/Binary",
+            content=samples.jpeg(),
+            headers={**auth_headers(role), "Content-Type": "image/jpeg"},
+        )
+        assert refused.status_code == 403, (role, refused.text)
+        gone = client.delete(f"/fhir/Binary/{binary_id}", headers=auth_headers(role))
+        assert gone.status_code == 403, (role, gone.text)
+    assert (
+        client.delete(f"/fhir/Binary/{binary_id}", headers=auth_headers("unit-02")).status_code
+        == 404
+    )
+    assert client.get(f"/fhir/Binary/{binary_id}", headers=unit_01).status_code == 200
+    assert client.delete(f"/fhir/Binary/{binary_id}", headers=unit_01).status_code == 204
+    # Deleted: its owner learns so; another unit learns nothing at all.
+    assert client.get(f"/fhir/Binary/{binary_id}", headers=unit_01).status_code == 410
+    for path in (f"/fhir/Binary/{binary_id}", f"/imaging/binaries/{binary_id}/thumbnail"):
+        assert client.get(path, headers=auth_headers("unit-02")).status_code == 404, path
+
+
+@pytest.mark.usefixtures("reference_data")
+def test_people_own_their_uploads_not_the_client_they_share(
+    client: TestClient, auth_headers: Headers
+) -> None:
+    # Every person logs in through the same CLI or browser client.
+    coordinator = auth_headers("coordinator")
+    binary_id = upload(client, coordinator, samples.jpeg())
+    assert client.get(f"/fhir/Binary/{binary_id}", headers=coordinator).status_code == 200
+    for other in ("specialist.derm", "specialist.cardio"):
+        answer = client.get(f"/fhir/Binary/{binary_id}", headers=auth_headers(other))
+        assert answer.status_code == 404, (other, answer.text)
+
+
+@pytest.mark.usefixtures("linker", "reference_data")
+def test_an_upload_naming_a_hidden_record_is_refused_as_one_naming_nothing(
+    client: TestClient, auth_headers: Headers, unit_01: dict[str, str], settings: Settings
+) -> None:
+    hidden = post_bundle(client, unit_01, visit_bundle(fresh_national_id(), "unit-01"))
+    patient_id = next(ref for ref in hidden if ref.startswith("Patient/")).split("/")[1]
+    encounter_id = next(ref for ref in hidden if ref.startswith("Encounter/")).split("/")[1]
+    unit_02 = {**auth_headers("unit-02"), "Content-Type": "image/jpeg"}
+    answers = {}
+    for context in (
+        f"Encounter/{encounter_id}",
+        f"Patient/{patient_id}",
+        f"{settings.fhir_base_url}/Patient/{patient_id}",
+        "Patient/nobody-at-all",
+    ):
+        answer = client.post(
+            "/fhir/Binary",
+            content=samples.jpeg(),
+            headers={**unit_02, "X-Security-Context": context},
+        )
+        assert answer.status_code == 422, (context, answer.text)
+        if context.startswith("Encounter/"):
+            # The encounter's patient is not for this caller to learn.
+            assert patient_id not in answer.text
+        answers[context] = answer.json()["issue"][0]["code"]
+    assert set(answers.values()) == {"not-found"}
+    # The owner's own upload naming the record by this server's URL is stored locally.
+    own = client.post(
+        "/fhir/Binary",
+        content=samples.jpeg(),
+        headers={
+            **unit_01,
+            "Content-Type": "image/jpeg",
+            "X-Security-Context": f"{settings.fhir_base_url}/Patient/{patient_id}",
+        },
+    )
+    assert own.status_code == 201, own.text
+    assert own.json()["securityContext"] == {"reference": f"Patient/{patient_id}"}
+    assert "Waha-Media" in own.headers

@@ -365,7 +365,7 @@ def test_metadata_row_records_hashes_owner_and_security_context(
     assert bytes(row.sha256) == hashlib.sha256(image).digest()
     assert bytes(row.sha1) == hashlib.sha1(image, usedforsecurity=False).digest()
     assert row.object_key == f"binaries/{binary_id}"
-    assert row.owner_client_id == "waha-cli"
+    assert row.owner_client_id == "user:admin"  # the person, not the CLI client they share
     assert row.security_context == f"Patient/{created['id']}"
     assert row.content_type == "image/png"
 

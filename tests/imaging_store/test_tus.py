@@ -612,6 +612,24 @@ def test_another_client_sees_no_upload(uploads_url: str, auth_headers: Headers) 
     assert _head(upload_url, owner).headers["Upload-Offset"] == "0"
 
 
+def test_roles_that_may_not_write_start_no_upload(uploads_url: str, auth_headers: Headers) -> None:
+    for role in ("relay", "ministry"):
+        answer = httpx.post(
+            uploads_url, headers={**TUS, **auth_headers(role), "Upload-Length": "100"}
+        )
+        assert answer.status_code == 403, (role, answer.text)
+
+
+def test_a_persons_upload_is_theirs_not_their_clients(
+    uploads_url: str, auth_headers: Headers
+) -> None:
+    owner, other = auth_headers("coordinator"), auth_headers("specialist.derm")
+    upload_url = _create(uploads_url, 100, owner)
+    _assert_problem(_head(upload_url, other), 404, "upload-not-found")
+    _assert_problem(_patch(upload_url, _content(100), 0, other), 404, "upload-not-found")
+    assert _head(upload_url, owner).headers["Upload-Offset"] == "0"
+
+
 def test_refused_content_is_purged_only_under_the_patchs_own_lease(
     uploads_url: str, auth_headers: Headers, settings: Settings, committed: Engine
 ) -> None:
@@ -640,7 +658,9 @@ def test_refused_content_is_purged_only_under_the_patchs_own_lease(
             binary_storage(settings),
             claim,
             refused,
-            Caller(client_id="unit-01", author="Device/unit-01", request_id="stalled"),
+            Caller(
+                client_id="unit-01", author="Device/unit-01", request_id="stalled", unit="unit-01"
+            ),
             token=uuid.uuid4(),
         )
     assert _upload_row(committed, upload_url) is not None
