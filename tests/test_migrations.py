@@ -447,3 +447,39 @@ def test_versions_and_deletions_stored_before_gain_their_patients(
         engine.dispose()
     assert [tuple(row) for row in by_version] == [(1, ["p1"]), (2, ["p2"]), (3, ["p2"])]
     assert tuple(tombstone) == (["p2"], "p2")
+
+
+def test_binaries_people_uploaded_become_theirs(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    with _scratch_database(settings, f"waha_binary_owners_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0024")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for binary_id, client, author in (
+                ("b1", "waha-cli", "coordinator"),
+                ("b2", "unit-01", "Device/unit-01"),
+            ):
+                connection.execute(
+                    text(
+                        "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                        " author) VALUES ('Binary', :id, 1, now(), :author)"
+                    ),
+                    {"id": binary_id, "author": author},
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO binary_object (id, content_type, size, sha256, sha1,"
+                        " object_key, owner_client_id, created_at) VALUES (:id, 'image/png', 1,"
+                        " '\\x00', '\\x00', :id, :client, now())"
+                    ),
+                    {"id": binary_id, "client": client},
+                )
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            owners = dict(
+                connection.execute(text("SELECT id, owner_client_id FROM binary_object")).all()
+            )
+        engine.dispose()
+    assert owners == {"b1": "user:coordinator", "b2": "unit-01"}

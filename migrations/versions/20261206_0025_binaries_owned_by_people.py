@@ -1,0 +1,33 @@
+"""A person's uploads are theirs, not the shared browser or CLI client's
+
+Revision ID: 0025
+Revises: 0024
+Create Date: 2026-12-06 03:30:00
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0025"
+down_revision: str | None = "0024"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # Owners were the OAuth client, which every person shares (waha-cli,
+    # waha-web). A Binary's version names who wrote it: units as their
+    # Device (their owner stays their client), people by name.
+    op.execute(
+        "UPDATE binary_object AS b SET owner_client_id = 'user:' || r.author"
+        " FROM fhir_resource AS r"
+        " WHERE r.resource_type = 'Binary' AND r.id = b.id"
+        " AND r.author IS NOT NULL AND r.author NOT LIKE 'Device/%'"
+        " AND b.owner_client_id NOT LIKE 'user:%'"
+    )
+
+
+def downgrade() -> None:
+    # Which client a person used is not recorded: uploads stay theirs.
+    pass
