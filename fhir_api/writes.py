@@ -37,6 +37,7 @@ from fhir_api.scope import search_scope
 from fhir_api.search import repository as search_repository
 from fhir_api.search_index import IndexValues, extract_index
 from fhir_api.search_index.encoding import local_reference, server_path
+from fhir_api.search_index.extract import patients_named_indirectly
 from fhir_api.validation import JSONObject, check_id, check_resource_type, validate_resource
 from hub import outbox
 from hub.errors import Issue, WahaError
@@ -178,6 +179,23 @@ def names_a_person(resource_type: str, query: str) -> bool:
 def _system_and_value(value: str) -> bool:
     system, bar, code = value.partition("|")
     return bool(bar and system and code) and "," not in value and "|" not in code
+
+
+def _check_patient_named(resource: JSONObject) -> None:
+    """Refuse a resource whose patient is named in a way no record can own.
+
+    Named only by identifier or by a contained Patient, it would belong to no
+    patient's record and so be every unit's to read.
+    """
+    params = patients_named_indirectly(resource)
+    if params:
+        resource_type = resource["resourceType"]
+        message = (
+            f"{resource_type} names its patient ({', '.join(params)}) only by identifier or a "
+            "contained Patient; reference the Patient (Patient/<id>, a bundle entry, or "
+            "Patient?identifier=<system>|<value>) so that the record knows whose it is"
+        )
+        raise InvalidResource(message, issues=[Issue("business-rule", message, resource_type)])
 
 
 def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
@@ -596,6 +614,8 @@ class TransactionEngine:
                 meta["lastUpdated"] = format_instant(self.now)
                 resource["meta"] = meta
                 index = extract_index(resource)
+                if not index.patient_ids and self.context.access.restricts_rows:
+                    self._guard(item, lambda r=resource: _check_patient_named(r))
             action = "delete" if entry.method == "DELETE" else ("update" if existing else "create")
             version_writes.append(
                 repository.VersionWrite(

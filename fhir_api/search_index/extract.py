@@ -818,6 +818,35 @@ def extract_index(resource: Mapping[str, Any]) -> IndexValues:
     return out
 
 
+def patients_named_indirectly(resource: Mapping[str, Any]) -> list[str]:
+    """Return the compartment parameters naming someone only by identifier or contained.
+
+    Such references put no patient in the index (`_patient_ids`): a resource
+    whose patient is named only so belongs to no record.
+    """
+    document = resource if isinstance(resource, dict) else dict(resource)
+    extractor = extractor_for(str(document.get("resourceType")))
+    contained_patients = {
+        f"#{item.get('id')}"
+        for item in document.get("contained") or ()
+        if isinstance(item, dict) and item.get("resourceType") == "Patient"
+    }
+    found: dict[str, None] = {}
+    for code, get, _emit in extractor.steps:
+        if code not in extractor.compartment_params:
+            continue
+        for value in get(document):
+            if not isinstance(value, dict) or "resourceType" in value:
+                continue
+            reference = value.get("reference")
+            by_identifier = reference is None and isinstance(value.get("identifier"), dict)
+            if (by_identifier and value.get("type") in (None, "Patient")) or (
+                reference in contained_patients
+            ):
+                found[code] = None
+    return list(found)
+
+
 def _patient_ids(
     resource: dict[str, Any], extractor: ResourceExtractor, references: list[str]
 ) -> list[str]:

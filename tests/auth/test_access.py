@@ -820,6 +820,31 @@ def test_a_bundle_replay_is_only_its_senders(
     assert "El Idrissi" not in other.text
 
 
+def test_a_patient_named_only_by_identifier_or_contained_is_refused_to_units(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # Such a resource would belong to no record, hence be every unit's to read.
+    unit_01 = auth_headers("unit-01")
+    by_identifier = _heart_rate({"identifier": {"system": NATIONAL_ID, "value": visit.national_id}})
+    contained = {
+        **_heart_rate({"reference": "#p"}),
+        "contained": [{"resourceType": "Patient", "id": "p", "gender": "female"}],
+    }
+    for refused in (by_identifier, contained):
+        answer = api.post("/fhir/Observation", json=refused, headers=unit_01)
+        assert_outcome(answer, 422, "business-rule")
+        assert "Patient?identifier=" in answer.text
+    # Other references by identifier are fine once the patient is named.
+    named = {
+        **_heart_rate({"reference": f"Patient/{visit.patient}"}),
+        "performer": [{"identifier": {"system": "urn:oid:2.16.840.1.113883.4.6", "value": "1"}}],
+    }
+    assert api.post("/fhir/Observation", json=named, headers=unit_01).status_code == 201
+    # An administrator's import is stored as it comes.
+    imported = api.post("/fhir/Observation", json=by_identifier, headers=auth_headers("admin"))
+    assert imported.status_code == 201, imported.text
+
+
 def test_a_reference_to_a_hidden_patient_grants_nothing(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:
