@@ -478,8 +478,7 @@ def test_binaries_people_uploaded_become_theirs(
                 )
         command.upgrade(config, "head")
         with engine.connect() as connection:
-            owners = dict(
-                connection.execute(text("SELECT id, owner_client_id FROM binary_object")).all()
-            )
+            rows = connection.execute(text("SELECT id, owner_client_id FROM binary_object"))
+            owners = {str(row.id): str(row.owner_client_id) for row in rows}
         engine.dispose()
     assert owners == {"b1": "user:coordinator", "b2": "unit-01"}
