@@ -176,6 +176,28 @@ def list_existing(session: Session, keys: Sequence[tuple[str, str]]) -> set[tupl
     return {key for key, version in versions.items() if not version.deleted}
 
 
+def list_existing_versions(
+    session: Session, keys: Sequence[tuple[str, str, int]]
+) -> set[tuple[str, str, int]]:
+    """Return which (type, id, version) triples are stored versions (deletions excluded)."""
+    if not keys:
+        return set()
+    rows = session.execute(
+        text(
+            "SELECT v.resource_type, v.id, v.version_id FROM fhir_resource_version AS v "
+            "JOIN unnest(CAST(:types AS text[]), CAST(:ids AS text[]), CAST(:versions AS int[]))"
+            " AS k(resource_type, id, version_id) USING (resource_type, id, version_id)"
+            " WHERE v.deleted IS false"
+        ),
+        {
+            "types": [key[0] for key in keys],
+            "ids": [key[1] for key in keys],
+            "versions": [key[2] for key in keys],
+        },
+    )
+    return {(row.resource_type, row.id, row.version_id) for row in rows}
+
+
 @functools.cache
 def _token_lookup(criteria_count: int) -> TextClause:
     conditions = " AND ".join(f"tokens && CAST(:keys{n} AS text[])" for n in range(criteria_count))

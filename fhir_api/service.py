@@ -192,7 +192,10 @@ def _lock_bundle(session: Session, keys: list[str], wait_seconds: float) -> None
         repository.lock_keys(session, keys, timeout_ms=int(wait_seconds * 1000))
     except OperationalError as error:
         if isinstance(error.orig, psycopg.errors.LockNotAvailable):
-            raise BundleInFlight("an identical bundle is still being processed; retry") from None
+            raise BundleInFlight(
+                "an identical bundle, or another writing the same resources, is still being"
+                " processed; retry"
+            ) from None
         raise
 
 
@@ -218,11 +221,22 @@ def process_bundle(
         raise BundleTooLarge(f"{len(entries)} entries; the limit is {limits.max_entries}")
 
     requests: list[EntryRequest] = []
+    batch: list[EntryRequest | WahaError] = []
     if bundle_type == "transaction":
         requests = [
             _entry_request(entry, position, base_url=settings.base_url)
             for position, entry in enumerate(entries)
         ]
+    else:
+        # A batch entry that cannot be read fails alone; the others' locks are
+        # all taken up front with the bundle's, in one sorted statement, so
+        # two batches sharing resources queue instead of deadlocking.
+        for position, entry in enumerate(entries):
+            try:
+                batch.append(_entry_request(entry, position, base_url=settings.base_url))
+            except WahaError as error:
+                batch.append(error)
+        requests = [request for request in batch if isinstance(request, EntryRequest)]
     identifier = _bundle_identifier(bundle)
     digest = b""
     lock_keys = lock_keys_for(requests)
@@ -245,7 +259,7 @@ def process_bundle(
         engine = TransactionEngine(session, context=context, settings=settings)
         results = engine.run(requests, locked=True)
     else:
-        results = _run_batch(session, entries, context=context, settings=settings)
+        results = _run_batch(session, batch, context=context, settings=settings)
     _record_provenance(session, bundle, results, context=context, settings=settings)
     response: JSONObject = {
         "resourceType": "Bundle",
@@ -342,17 +356,23 @@ def _provenance_agent(session: Session, context: RequestContext) -> JSONObject:
 
 
 def _run_batch(
-    session: Session, entries: Sequence[Any], *, context: RequestContext, settings: WriteSettings
+    session: Session,
+    batch: Sequence[EntryRequest | WahaError],
+    *,
+    context: RequestContext,
+    settings: WriteSettings,
 ) -> list[EntryResult]:
+    """Run each entry on its own (its locks already held); a failure answers that entry."""
     results: list[EntryResult] = []
-    for position, entry in enumerate(entries):
+    for request in batch:
         try:
+            if isinstance(request, WahaError):
+                raise request
             with session.begin_nested():
-                request = _entry_request(entry, position, base_url=settings.base_url)
                 if request.method == "PATCH":
                     request = _as_write(session, request, context=context, settings=settings)
                 engine = TransactionEngine(session, context=context, settings=settings)
-                results.extend(engine.run([request]))
+                results.extend(engine.run([request], locked=True))
         except WahaError as error:
             results.append(EntryResult(error.status, outcome=operation_outcome(error.issues)))
     return results

@@ -449,6 +449,9 @@ class TransactionEngine:
 
         base = self.settings.base_url + "/"
         missing: dict[tuple[str, str], list[str]] = {}
+        # Of the missing: those referenced as they are now, and versions referenced.
+        current: set[tuple[str, str]] = set()
+        versions: set[tuple[str, str, int]] = set()
         # Targets found by conditional references: matched whoever's record it
         # is, since one record per person is how care relationships start.
         matched: set[tuple[str, str]] = set()
@@ -499,6 +502,10 @@ class TransactionEngine:
                         )
                     if target_key not in bundle_targets:
                         missing.setdefault(target_key, []).append(where)
+                        if len(parts) == 4 and parts[2] == "_history" and parts[3].isdigit():
+                            versions.add((*target_key, int(parts[3])))
+                        else:
+                            current.add(target_key)
         if not missing:
             return
         # A reference to a record the caller may not see counts as absent:
@@ -511,6 +518,15 @@ class TransactionEngine:
         existing: set[tuple[str, str]] | None = None
         if self.settings.enforce_referential_integrity:
             existing = repository.list_existing(self.session, list(missing))
+            # A reference to a version needs that version, not a live resource:
+            # a batch's Provenance names the update of what a later entry deleted.
+            stored = repository.list_existing_versions(self.session, sorted(versions))
+            existing |= {
+                key
+                for key in missing
+                if key not in current
+                and all(version in stored for version in versions if version[:2] == key)
+            }
         dangling = [
             (key, paths)
             for key, paths in missing.items()

@@ -105,3 +105,61 @@ def test_a_conditional_update_waits_for_the_lock_of_the_resource_it_found(
             response = updated.result(timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["meta"]["versionId"] == "2"
+
+
+def test_batches_writing_the_same_resources_in_opposite_orders_queue_without_deadlock(
+    live_server: str, committed: Engine, auth_headers: Callable[[str], dict[str, str]]
+) -> None:
+    # Each batch entry keeps its locks to the batch's end: taken one by one in
+    # entry order, two such batches deadlocked (a 503 for one of them).
+    ids = [f"order-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+
+    def batch(order: list[str], gender: str) -> dict[str, object]:
+        return {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {
+                    "resource": {**patient(id=pid), "gender": gender},
+                    "request": {"method": "PUT", "url": f"Patient/{pid}"},
+                }
+                for pid in order
+            ],
+        }
+
+    bundles = [
+        batch(ids if n % 2 == 0 else ids[::-1], "female" if n % 4 < 2 else "male")
+        for n in range(16)
+    ]
+    responses = _post_all(live_server, bundles, auth_headers("admin"))
+    assert [r.status_code for r in responses] == [200] * 16, [r.text[:300] for r in responses]
+    for response in responses:
+        statuses = [entry["response"]["status"][:3] for entry in response.json()["entry"]]
+        assert set(statuses) <= {"200", "201"}, statuses
+
+
+def test_a_batch_may_update_then_delete_one_resource(
+    live_server: str, committed: Engine, auth_headers: Callable[[str], dict[str, str]]
+) -> None:
+    pid = f"upd-del-{uuid.uuid4().hex[:8]}"
+    admin = auth_headers("admin")
+    with httpx.Client(base_url=live_server, timeout=60, headers=admin) as http:
+        assert http.put(f"/fhir/Patient/{pid}", json=patient(id=pid), headers=FHIR_JSON).is_success
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {
+                    "resource": {**patient(id=pid), "gender": "male"},
+                    "request": {"method": "PUT", "url": f"Patient/{pid}"},
+                },
+                {"request": {"method": "DELETE", "url": f"Patient/{pid}"}},
+            ],
+        }
+        answer = http.post("/fhir", json=bundle, headers=FHIR_JSON)
+        assert answer.status_code == 200, answer.text
+        assert [e["response"]["status"][:3] for e in answer.json()["entry"]] == ["200", "204"]
+        # Its Provenance names the update, a version that stays in history.
+        provenance = http.get("/fhir/Provenance", params={"target": f"Patient/{pid}"}).json()
+        targets = [t["reference"] for e in provenance["entry"] for t in e["resource"]["target"]]
+        assert f"Patient/{pid}/_history/2" in targets
