@@ -152,19 +152,37 @@ def prune_empty(node: dict[str, Any]) -> None:
     """Drop null members and empty objects and arrays, in place (R4 JSON has none).
 
     Lenient as common servers are (a client's `"birthDate": null` means no
-    birth date), and nothing empty is ever stored. An array item may be null
-    only where a sibling array (`_name` for `name`) aligns extensions with it.
+    birth date), and nothing empty is ever stored. A primitive array and its
+    extensions (`given` and `_given`) keep their alignment: a position goes
+    only when it is empty in both.
     """
+    for value in node.values():
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, dict):
+                prune_empty(item)
+    for key in [key for key in node if key.startswith("_") and key[1:] in node]:
+        _prune_pair(node, key[1:], key)
     for key in list(node):
         value = node[key]
-        if isinstance(value, dict):
-            prune_empty(value)
-        elif isinstance(value, list):
-            aligned = (key[1:] if key.startswith("_") else f"_{key}") in node
-            for item in value:
-                if isinstance(item, dict):
-                    prune_empty(item)
-            if not aligned:
-                value[:] = [item for item in value if item is not None and item != {}]
+        paired = key.startswith("_") and key[1:] in node or f"_{key}" in node
+        if isinstance(value, list) and not paired:
+            value[:] = [item for item in value if item is not None and item != {}]
         if value is None or value == {} or value == []:
             del node[key]
+
+
+def _prune_pair(node: dict[str, Any], key: str, extension_key: str) -> None:
+    values, extensions = node[key], node[extension_key]
+    if not (isinstance(values, list) and isinstance(extensions, list)):
+        return
+    if len(values) != len(extensions):
+        return  # misaligned: the model names the fault
+    kept = [
+        (value, extension)
+        for value, extension in zip(values, extensions, strict=True)
+        if value is not None or extension not in (None, {})
+    ]
+    values[:] = [value for value, _ in kept]
+    extensions[:] = [None if extension == {} else extension for _, extension in kept]
+    if all(extension is None for extension in extensions):
+        del node[extension_key]

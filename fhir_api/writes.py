@@ -292,7 +292,9 @@ class TransactionEngine:
             entry = item.entry
             try:
                 if entry.method in WRITE_INTERACTION:
-                    self.context.access.check(WRITE_INTERACTION[entry.method], entry.resource_type)
+                    # A PUT of an id the server just chose makes a resource: a create.
+                    interaction = "create" if entry.fresh_id else WRITE_INTERACTION[entry.method]
+                    self.context.access.check(interaction, entry.resource_type)
                 if entry.resource_type is not None:
                     check_resource_type(entry.resource_type)
                 if entry.resource_id is not None:

@@ -156,6 +156,12 @@ def test_nulls_and_empty_elements_are_dropped_before_storing(client: TestClient)
         ],
     }
     assert validate_resource(aligned)["name"][0]["given"] == ["Fatima", None]
+    # A position empty in both arrays goes; extensions left with nothing go too.
+    emptied = {
+        "resourceType": "Patient",
+        "name": [{"given": ["Fatima", None, "Zahra"], "_given": [None, {}, {"extension": []}]}],
+    }
+    assert validate_resource(emptied)["name"] == [{"given": ["Fatima", "Zahra"]}]
 
 
 def test_a_resource_nested_beyond_reason_is_a_clear_error(client: TestClient) -> None:
