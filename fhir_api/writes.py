@@ -198,6 +198,40 @@ def _check_patient_named(resource: JSONObject) -> None:
         raise InvalidResource(message, issues=[Issue("business-rule", message, resource_type)])
 
 
+def care_relationships(
+    session: Session, written: Sequence[tuple[str, IndexValues]], *, unit: str | None
+) -> set[tuple[str, str]]:
+    """Return the (grantee, patient) pairs that writing these resources gives.
+
+    The writing unit gains every patient it wrote into; an Encounter gives
+    its serviceProvider unit, and that unit's region, the Encounter's patient.
+    """
+    providers: dict[str, set[str]] = {}
+    for resource_type, index in written:
+        if not index.patient_ids:
+            continue
+        if unit is not None:
+            providers.setdefault(unit, set()).update(index.patient_ids)
+        if resource_type == "Encounter":
+            for reference in index.references:
+                if reference.startswith(SERVICE_PROVIDER):
+                    organization = reference[len(SERVICE_PROVIDER) :]
+                    providers.setdefault(organization, set()).update(index.patient_ids)
+    if not providers:
+        return set()
+    regions = repository.list_organization_regions(
+        session, sorted(providers), region_system=SID_REGION
+    )
+    pairs: set[tuple[str, str]] = set()
+    for organization, patients in providers.items():
+        region = regions.get(organization)
+        for patient_id in patients:
+            pairs.add((f"unit:{organization}", patient_id))
+            if region is not None:
+                pairs.add((f"region:{region}", patient_id))
+    return pairs
+
+
 def lock_keys_for(entries: Sequence[EntryRequest]) -> list[str]:
     """Return the advisory-lock keys a write of these entries must hold."""
     keys: list[str] = []
@@ -721,36 +755,15 @@ class TransactionEngine:
         The writing unit gains every patient it wrote into; an Encounter gives
         its serviceProvider unit, and that unit's region, the Encounter's patient.
         """
-        pairs: set[tuple[str, str]] = set()
-        providers: dict[str, set[str]] = {}
-        unit = self.context.unit
         audit = self.context.audit
+        written: list[tuple[str, IndexValues]] = []
         for write in version_writes:
             if write.index is None:
                 continue
-            patient_ids = write.index.patient_ids
             if audit is not None:
-                audit.touched(write.resource_type, write.id, patient_ids)
-            if not patient_ids:
-                continue
-            if unit is not None:
-                providers.setdefault(unit, set()).update(patient_ids)
-            if write.resource_type == "Encounter":
-                for reference in write.index.references:
-                    if reference.startswith(SERVICE_PROVIDER):
-                        organization = reference[len(SERVICE_PROVIDER) :]
-                        providers.setdefault(organization, set()).update(patient_ids)
-        if not providers:
-            return
-        regions = repository.list_organization_regions(
-            self.session, sorted(providers), region_system=SID_REGION
-        )
-        for organization, patients in providers.items():
-            region = regions.get(organization)
-            for patient_id in patients:
-                pairs.add((f"unit:{organization}", patient_id))
-                if region is not None:
-                    pairs.add((f"region:{region}", patient_id))
+                audit.touched(write.resource_type, write.id, write.index.patient_ids)
+            written.append((write.resource_type, write.index))
+        pairs = care_relationships(self.session, written, unit=self.context.unit)
         repository.add_care_relationships(self.session, pairs)
 
     def _check_preconditions(self, entry: EntryRequest, existing: tuple[int, bool] | None) -> None:

@@ -359,6 +359,14 @@ def test_resources_naming_a_patient_by_this_servers_url_join_that_patients_compa
         "subject": {"reference": f"{base}/Patient/p1"},
         "effectiveDateTime": "2026-11-20",
     }
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "finished",
+        "class": {"code": "AMB"},
+        "subject": {"reference": f"{base}/Patient/p2"},
+        "serviceProvider": {"reference": "Organization/unit-02"},
+    }
     # What ingest wrote before: the absolute key as given, no patient.
     written = extract_index(observation)
     assert written.patient_ids == [] and f"subject={base}/Patient/p1" in written.references
@@ -381,11 +389,26 @@ def test_resources_naming_a_patient_by_this_servers_url_join_that_patients_compa
                     " VALUES ('Observation', 'o1', 'date', now(), now())"
                 )
             )
+            # Written by unit-01, served by unit-02: both units get the patient.
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                    " refs, author, resource) VALUES ('Encounter', 'e1', 1, now(),"
+                    " CAST(:refs AS text[]), 'Device/unit-01', CAST(:body AS jsonb))"
+                ),
+                {"refs": extract_index(encounter).references, "body": json.dumps(encounter)},
+            )
         command.upgrade(config, "head")
         with engine.connect() as connection:
             row = connection.execute(
-                text("SELECT refs, patient_ids, compartment_key, resource FROM fhir_resource")
+                text(
+                    "SELECT refs, patient_ids, compartment_key, resource FROM fhir_resource"
+                    " WHERE resource_type = 'Observation'"
+                )
             ).one()
+            granted = connection.execute(
+                text("SELECT grantee, patient_id FROM care_relationship ORDER BY 1, 2")
+            ).all()
             date_key = connection.execute(
                 text("SELECT compartment_key FROM fhir_search_date")
             ).scalar_one()
@@ -395,6 +418,7 @@ def test_resources_naming_a_patient_by_this_servers_url_join_that_patients_compa
     assert row.patient_ids == ["p1"]
     assert row.compartment_key == date_key == "p1"
     assert row.resource == observation  # the stored version is as it was written
+    assert [tuple(pair) for pair in granted] == [("unit:unit-01", "p2"), ("unit:unit-02", "p2")]
 
 
 def test_versions_and_deletions_stored_before_gain_their_patients(
@@ -461,10 +485,12 @@ def test_binaries_people_uploaded_become_theirs(
                 ("b1", "waha-cli", "coordinator"),
                 ("b2", "unit-01", "Device/unit-01"),
             ):
+                # The uploader wrote version 1; an administrator deleted it since.
                 connection.execute(
                     text(
-                        "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
-                        " author) VALUES ('Binary', :id, 1, now(), :author)"
+                        "INSERT INTO fhir_resource_version (resource_type, id, version_id,"
+                        " last_updated, method, author) VALUES ('Binary', :id, 1, now(), 'PUT',"
+                        " :author), ('Binary', :id, 2, now(), 'DELETE', 'admin')"
                     ),
                     {"id": binary_id, "author": author},
                 )

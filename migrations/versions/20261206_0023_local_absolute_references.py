@@ -10,8 +10,11 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.orm import Session
 
+from fhir_api.repository import add_care_relationships
 from fhir_api.search_index import extract_index
+from fhir_api.writes import care_relationships
 from fhir_api.search_index.encoding import localized
 from hub.settings import get_settings
 
@@ -33,7 +36,7 @@ def upgrade() -> None:
     connection = op.get_bind()
     rows = connection.execute(
         sa.text(
-            "SELECT resource_type, id, resource FROM fhir_resource"
+            "SELECT resource_type, id, author, resource FROM fhir_resource"
             " WHERE NOT deleted AND resource IS NOT NULL"
             " AND EXISTS (SELECT 1 FROM unnest(refs) AS ref"
             "             WHERE strpos(lower(split_part(ref, '=', 2)), :server) > 0)"
@@ -41,8 +44,14 @@ def upgrade() -> None:
         # Any spelling of this server's address; `localized` decides which name it.
         {"server": "://" + urlsplit(base_url).netloc.lower() + "/"},
     ).all()
-    for resource_type, resource_id, document in rows:
+    session = Session(bind=connection)
+    pairs: set[tuple[str, str]] = set()
+    for resource_type, resource_id, author, document in rows:
         index = extract_index(localized(document, base_url))
+        # The care relationships the write would have given, had it named the
+        # patient then: its unit's, and an Encounter's serviceProvider's.
+        unit = author.removeprefix("Device/") if (author or "").startswith("Device/") else None
+        pairs |= care_relationships(session, [(resource_type, index)], unit=unit)
         patient_ids = sorted(index.patient_ids)
         compartment_key = resource_id if resource_type == "Patient" else None
         if compartment_key is None and patient_ids:
@@ -71,6 +80,8 @@ def upgrade() -> None:
             ),
             owner,
         )
+    add_care_relationships(session, pairs)
+    session.flush()
 
 
 def downgrade() -> None:

@@ -17,13 +17,15 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     # Owners were the OAuth client, which every person shares (waha-cli,
-    # waha-web). A Binary's version names who wrote it: units as their
-    # Device (their owner stays their client), people by name.
+    # waha-web). A Binary's first version names who uploaded it: units as
+    # their Device (their owner stays their client), people by name. People's
+    # unfinished tus uploads and bundle receipts name no person: the uploads
+    # expire, and such a bundle sent again is processed again.
     op.execute(
-        "UPDATE binary_object AS b SET owner_client_id = 'user:' || r.author"
-        " FROM fhir_resource AS r"
-        " WHERE r.resource_type = 'Binary' AND r.id = b.id"
-        " AND r.author IS NOT NULL AND r.author NOT LIKE 'Device/%'"
+        "UPDATE binary_object AS b SET owner_client_id = 'user:' || v.author"
+        " FROM fhir_resource_version AS v"
+        " WHERE v.resource_type = 'Binary' AND v.id = b.id AND v.version_id = 1"
+        " AND v.author IS NOT NULL AND v.author NOT LIKE 'Device/%'"
         " AND b.owner_client_id NOT LIKE 'user:%'"
     )
 
