@@ -521,7 +521,8 @@ class TransactionEngine:
                 # relationships and includes see the patient it names.
                 localized = local_reference(value, self.settings.base_url)
                 if localized is not None:
-                    holder[key] = value = localized
+                    # Spelled otherwise than an entry's absolute fullUrl, it still names it.
+                    holder[key] = value = mapping.get(localized, localized)
                 elif server_path(value, self.settings.base_url) is not None:
                     raise DanglingReference(
                         f"{where} names this server but no resource (use Type/id)",

@@ -15,6 +15,7 @@ from fhir_api import repository, service
 from fhir_api.context import SYSTEM_CONTEXT
 from fhir_api.errors import BundleInFlight
 from fhir_api.writes import WriteSettings
+from hub.settings import Settings
 from tests.builders import NATIONAL_ID, load_fixture, observation, patient, unit_bundle
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -282,3 +283,34 @@ def test_duplicate_waits_only_as_long_as_allowed(db_engine: Engine, session: Ses
                 limits=service.BundleLimits(max_entries=100, idempotency_wait_seconds=0.2),
             )
         twin.rollback()
+
+
+def test_an_entry_named_by_another_spelling_of_its_absolute_full_url_is_that_entry(
+    client: TestClient, settings: Settings
+) -> None:
+    host = settings.fhir_base_url.split("://", 1)[1]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"{settings.fhir_base_url}/Patient/temp-1",
+                "resource": {"resourceType": "Patient", "gender": "female"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "pouls"},
+                    "subject": {"reference": f"HTTPS://{host}/Patient/temp-1"},
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
+    response = client.post("/fhir", json=bundle)
+    assert response.status_code == 200, response.text
+    patient_url, observation_url = (e["response"]["location"] for e in response.json()["entry"])
+    observation = client.get(f"/fhir/{observation_url.rsplit('/_history', 1)[0]}").json()
+    assert observation["subject"]["reference"] == patient_url.rsplit("/_history", 1)[0]
