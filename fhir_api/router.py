@@ -244,7 +244,7 @@ def bundle_interaction(
 ) -> Response:
     """Process a transaction or batch Bundle."""
     document = parse_json(body)
-    if context.audit is not None and document.get("type") == "batch":
+    if context.audit is not None and isinstance(document, dict) and document.get("type") == "batch":
         context.audit.interaction = "batch"
     with session_scope() as session:
         status, response = service.process_bundle(

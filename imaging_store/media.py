@@ -121,10 +121,21 @@ def cited_binaries(resource: JSONObject, *, base_url: str) -> list[CitedBinary]:
     for attachment, path in attachments:
         if not isinstance(attachment, dict):
             continue
-        binary_id = binary_id_of(attachment.get("url"), base_url=base_url)
+        url = attachment.get("url")
+        binary_id = binary_id_of(url, base_url=base_url)
         if binary_id is not None:
             cited.append(CitedBinary(binary_id, attachment, path))
+        elif isinstance(url, str) and _names_a_binary(url, base_url=base_url):
+            # `Binary/Binary/<id>` or `Binary/` would be kept unchecked, unfilled.
+            message = f"{path}.url {url!r} names no stored Binary (use Binary/<id>)"
+            raise InvalidResource(message, issues=[Issue("not-found", message, f"{path}.url")])
     return cited
+
+
+def _names_a_binary(url: str, *, base_url: str) -> bool:
+    prefix = base_url.rstrip("/") + "/"
+    local = url[len(prefix) :] if url.startswith(prefix) else url
+    return local == "Binary" or local.startswith("Binary/")
 
 
 def _sha1_base64(row: BinaryObjectRow) -> str:

@@ -39,6 +39,7 @@ from fhir_api.context import (
     RequestContext,
     owner_of,
 )
+from fhir_api.errors import ResourceNotFound
 from fhir_api.writes import EntryRequest, WriteSettings
 from hub.errors import WahaError
 from hub.settings import Settings
@@ -469,12 +470,15 @@ def current_binary(
     if row is None:
         # Purged, or never stored: the resource answers, as this caller may see
         # it (410 for an administrator, 404 for everyone else).
-        fhir_service.run_interaction(
-            session,
-            EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
-            context=caller.request_context(),
-            settings=WriteSettings(base_url=base_url),
-        )
+        try:
+            fhir_service.run_interaction(
+                session,
+                EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
+                context=caller.request_context(),
+                settings=WriteSettings(base_url=base_url),
+            )
+        except ResourceNotFound:
+            pass  # answered below exactly as another caller's Binary is
         raise BinaryNotFound(f"Binary/{binary_id} is not known")
     check_binary_access(
         session,

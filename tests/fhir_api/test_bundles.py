@@ -314,3 +314,10 @@ def test_an_entry_named_by_another_spelling_of_its_absolute_full_url_is_that_ent
     patient_url, observation_url = (e["response"]["location"] for e in response.json()["entry"])
     observation = client.get(f"/fhir/{observation_url.rsplit('/_history', 1)[0]}").json()
     assert observation["subject"]["reference"] == patient_url.rsplit("/_history", 1)[0]
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"x"', b"123", b"null"])
+def test_a_body_that_is_no_json_object_is_a_400(client: TestClient, body: bytes) -> None:
+    response = client.post("/fhir", content=body, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["code"] == "structure"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -61,6 +62,11 @@ def upload(client: TestClient, headers: dict[str, str], content: bytes, **extra:
     )
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
+
+
+def json_text(value: object) -> str:
+    """Serialize for comparison, keys sorted."""
+    return json.dumps(value, sort_keys=True)
 
 
 def fresh_national_id() -> str:
@@ -1029,3 +1035,42 @@ def test_an_upload_naming_a_hidden_record_is_refused_as_one_naming_nothing(
     assert own.status_code == 201, own.text
     assert own.json()["securityContext"] == {"reference": f"Patient/{patient_id}"}
     assert "Waha-Media" in own.headers
+
+
+@pytest.mark.usefixtures("reference_data")
+def test_another_units_image_answers_as_no_image_at_all(
+    client: TestClient, auth_headers: Headers, unit_01: dict[str, str]
+) -> None:
+    binary_id = upload(client, unit_01, samples.jpeg())
+    unit_02 = auth_headers("unit-02")
+    made_up = str(uuid.uuid4())
+    for path in (
+        "/fhir/Binary/{}",
+        "/imaging/binaries/{}/thumbnail",
+        "/imaging/binaries/{}/preview",
+    ):
+        theirs = client.get(path.format(binary_id), headers=unit_02)
+        nothing = client.get(path.format(made_up), headers=unit_02)
+        assert theirs.status_code == nothing.status_code == 404, path
+        shown = [
+            {key: value for key, value in answer.json().items() if key != "instance"}
+            for answer in (theirs, nothing)
+        ]
+        assert json_text(shown[0]).replace(binary_id, "<id>") == json_text(shown[1]).replace(
+            made_up, "<id>"
+        ), path
+
+
+@pytest.mark.usefixtures("linker", "reference_data")
+@pytest.mark.parametrize("url", ["Binary/Binary/{id}", "Binary/", "Binary/{id}/extra"])
+def test_a_malformed_binary_url_is_refused_not_kept_unchecked(
+    client: TestClient, unit_01: dict[str, str], url: str
+) -> None:
+    binary_id = upload(client, unit_01, samples.jpeg())
+    cited = media_of(binary_id)
+    cited["content"]["url"] = url.format(id=binary_id)
+    response = client.post(
+        "/fhir", json=visit_bundle(fresh_national_id(), "unit-01", cited), headers=unit_01
+    )
+    body = assert_refused(response, 422, "not-found", "Bundle.entry[2].resource.content.url")
+    assert "names no stored Binary" in body["issue"][0]["diagnostics"]
