@@ -508,3 +508,40 @@ def test_binaries_people_uploaded_become_theirs(
             owners = {str(row.id): str(row.owner_client_id) for row in rows}
         engine.dispose()
     assert owners == {"b1": "user:coordinator", "b2": "unit-01"}
+
+
+def test_devices_naming_a_patient_stored_before_become_that_patients(
+    settings: Settings, run_id: str, worker_id: str
+) -> None:
+    device = {"resourceType": "Device", "id": "d1", "patient": {"reference": "Patient/p1"}}
+    with _scratch_database(settings, f"waha_device_owner_{run_id}_{worker_id}") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0025")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for table in ("fhir_resource", "fhir_resource_version"):
+                extra = ", method" if table == "fhir_resource_version" else ""
+                connection.execute(
+                    text(
+                        f"INSERT INTO {table} (resource_type, id, version_id, last_updated,"  # noqa: S608
+                        f" author, resource{extra}) VALUES ('Device', 'd1', 1, now(),"
+                        f" 'Device/unit-01', CAST(:body AS jsonb){', :method' if extra else ''})"
+                    ),
+                    {"body": json.dumps(device), "method": "POST"},
+                )
+            connection.execute(text("UPDATE fhir_resource SET refs = ARRAY['patient=Patient/p1']"))
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            current = connection.execute(
+                text("SELECT patient_ids, compartment_key FROM fhir_resource")
+            ).one()
+            version = connection.execute(
+                text("SELECT patient_ids FROM fhir_resource_version")
+            ).scalar_one()
+            granted = connection.execute(
+                text("SELECT grantee, patient_id FROM care_relationship")
+            ).all()
+        engine.dispose()
+    assert tuple(current) == (["p1"], "p1")
+    assert version == ["p1"]
+    assert [tuple(pair) for pair in granted] == [("unit:unit-01", "p1")]

@@ -139,6 +139,29 @@ def search_parameters_for(resource_type: str) -> Mapping[str, SearchParameterInf
     return MappingProxyType(infos)
 
 
+# Types the R4 patient compartment leaves out although they name their patient:
+# a Device assigned to one (an implant, a glucose meter), a Contract or a
+# GuidanceResponse about one. In Waha's access rules that patient owns them.
+OWNED_BY_PATIENT = {
+    "Device": ("patient",),
+    "Contract": ("patient",),
+    "GuidanceResponse": ("patient",),
+}
+
+
+@functools.cache
+def patient_owner_params() -> Mapping[str, tuple[str, ...]]:
+    """Return, per resource type, the params naming the patients a resource belongs to.
+
+    The patient compartment's, and OWNED_BY_PATIENT's; access and care
+    relationships follow these, while `Patient/[id]/[type]` keeps to R4's.
+    """
+    params = dict(patient_compartment_params())
+    for resource_type, owners in OWNED_BY_PATIENT.items():
+        params[resource_type] = tuple(dict.fromkeys((*params.get(resource_type, ()), *owners)))
+    return MappingProxyType(params)
+
+
 @functools.cache
 def patient_compartment_params() -> Mapping[str, tuple[str, ...]]:
     """Return, per resource type, the params that put it in a patient's compartment."""

@@ -20,7 +20,7 @@ from fhir_api.search_index.compiler import (
 from fhir_api.search_index.definitions import (
     SearchParameterDefinition,
     definitions_for,
-    patient_compartment_params,
+    patient_owner_params,
     resource_types,
 )
 from fhir_api.search_index.encoding import (
@@ -712,7 +712,7 @@ def at_most_one_patient(resource_type: str) -> bool:
     value (`Encounter.subject`); a Patient is in its own compartment and those
     of the patients it links to.
     """
-    params = patient_compartment_params().get(resource_type, ())
+    params = patient_owner_params().get(resource_type, ())
     return resource_type != "Patient" and (
         len(params) <= 1 and all(single_valued(resource_type, code) for code in params)
     )
@@ -772,7 +772,7 @@ def extractor_for(resource_type: str) -> ResourceExtractor:
                 unkeyed.append(step)
             else:
                 by_key.setdefault(first_key, []).append(step)
-    compartment = frozenset(patient_compartment_params().get(resource_type, ()))
+    compartment = frozenset(patient_owner_params().get(resource_type, ()))
     return ResourceExtractor(
         resource_type,
         tuple(steps),

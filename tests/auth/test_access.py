@@ -845,6 +845,28 @@ def test_a_patient_named_only_by_identifier_or_contained_is_refused_to_units(
     assert imported.status_code == 201, imported.text
 
 
+def test_a_device_assigned_to_a_patient_is_that_patients(
+    api: TestClient, auth_headers: Headers, visit: Visit
+) -> None:
+    # R4's patient compartment leaves Device out; Waha's access rules do not.
+    unit_01, unit_02 = auth_headers("unit-01"), auth_headers("unit-02")
+    meter = {
+        "resourceType": "Device",
+        "status": "active",
+        "deviceName": [{"name": "Glucometre", "type": "user-friendly-name"}],
+        "patient": {"reference": f"Patient/{visit.patient}"},
+    }
+    created = api.post("/fhir/Device", json=meter, headers=auth_headers("coordinator"))
+    assert created.status_code == 201, created.text
+    path = f"/fhir/Device/{created.json()['id']}"
+    assert api.get(path, headers=unit_01).status_code == 200
+    assert_outcome(api.get(path, headers=unit_02), 404, "not-found")
+    found = _search(api, unit_02, f"/fhir/Device?patient={visit.patient}")
+    assert entries(found) == []
+    # A unit's own Device names no patient: shared reference data, as before.
+    assert api.get("/fhir/Device/unit-01", headers=unit_02).status_code == 200
+
+
 def test_a_reference_to_a_hidden_patient_grants_nothing(
     api: TestClient, auth_headers: Headers, visit: Visit
 ) -> None:
