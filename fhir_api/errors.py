@@ -140,6 +140,30 @@ def at(error: WahaError, prefix: str) -> WahaError:
     return error
 
 
+class InvalidId(WahaError):
+    """An id in the URL that breaks the FHIR id rule: no resource can have it."""
+
+    status = 400
+    issue_code = "value"
+    slug = "invalid-id"
+
+
+class MethodNotAllowed(WahaError):
+    """An HTTP method the endpoint does not take."""
+
+    status = 405
+    issue_code = "not-supported"
+    slug = "method-not-allowed"
+
+
+class NotAcceptable(WahaError):
+    """The client asks for a format Waha does not write (XML, Turtle, HTML)."""
+
+    status = 406
+    issue_code = "not-supported"
+    slug = "not-acceptable"
+
+
 class NotPatchable(WahaError):
     """A resource type the patch interaction does not apply to."""
 

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from fhir_api import patches, reads, search, service
 from fhir_api.capability import capability_statement
 from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes, RequestContext
-from fhir_api.errors import UnparsableBody
+from fhir_api.errors import MethodNotAllowed, NotAcceptable, UnparsableBody
 from fhir_api.scope import search_scope
 from fhir_api.validation import JSONObject, parse_json
 from fhir_api.writes import EntryRequest, EntryResult, WriteSettings
@@ -25,8 +25,28 @@ from hub.settings import Settings, request_settings
 SettingsDep = Annotated[Settings, Depends(request_settings)]
 ACCEPTED_BODY_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 
-public_router = APIRouter(prefix="/fhir")
-router = APIRouter(prefix="/fhir")
+# What an Accept header or `_format` may ask for: Waha writes FHIR JSON only.
+ACCEPTABLE_RANGES = frozenset({"*/*", "application/*", *ACCEPTED_BODY_TYPES})
+ACCEPTABLE_FORMATS = frozenset({"json", *ACCEPTED_BODY_TYPES})
+
+
+async def acceptable_format(request: Request) -> None:
+    """Answer 406 when the client accepts no format Waha writes (R4 http.html#mime-type)."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None:
+        if wanted.split(";")[0].strip().lower() not in ACCEPTABLE_FORMATS:
+            raise NotAcceptable(f"_format={wanted}: Waha answers in FHIR JSON only")
+        return  # _format overrides Accept
+    accept = request.headers.get("accept")
+    if not accept or not accept.strip():
+        return
+    ranges = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    if not ranges & ACCEPTABLE_RANGES:
+        raise NotAcceptable(f"Accept: {accept[:100]}: Waha answers in application/fhir+json only")
+
+
+public_router = APIRouter(prefix="/fhir", dependencies=[Depends(acceptable_format)])
+router = APIRouter(prefix="/fhir", dependencies=[Depends(acceptable_format)])
 
 
 def fhir_response(
@@ -227,6 +247,12 @@ def metadata(settings: SettingsDep) -> Response:
         _capability_bytes(settings.fhir_base_url, settings.oidc_issuer),
         media_type=FHIR_MEDIA_TYPE,
     )
+
+
+@public_router.api_route("/metadata", methods=["POST", "PUT", "PATCH", "DELETE"])
+def metadata_other_methods() -> Response:
+    """Refuse anything but reading the CapabilityStatement."""
+    raise MethodNotAllowed("the CapabilityStatement is read with GET")
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from hub.settings import Settings
@@ -104,7 +105,7 @@ def test_unknown_and_modelless_types_are_refused(client: TestClient) -> None:
 
 def test_read_missing_is_404_and_bad_id_is_rejected(client: TestClient) -> None:
     assert client.get("/fhir/Patient/does-not-exist").status_code == 404
-    assert client.get("/fhir/Patient/" + "x" * 65).status_code == 422
+    assert client.get("/fhir/Patient/" + "x" * 65).status_code == 400
 
 
 def test_update_as_create_with_client_id(client: TestClient) -> None:
@@ -301,3 +302,51 @@ def test_update_with_unchanged_content_writes_no_version(client: TestClient) -> 
     assert history["total"] == 1
     changed = client.put(url, json={**same, "gender": "male"}, headers=FHIR_JSON)
     assert changed.headers["etag"] == 'W/"2"'
+
+
+@pytest.mark.parametrize(
+    ("headers", "params"),
+    [
+        ({"Accept": "application/fhir+xml"}, {}),
+        ({"Accept": "text/html"}, {}),
+        ({}, {"_format": "xml"}),
+        ({"Accept": "application/fhir+json"}, {"_format": "text/turtle"}),
+    ],
+)
+def test_a_format_waha_does_not_write_is_a_406(
+    client: TestClient, headers: dict[str, str], params: dict[str, str]
+) -> None:
+    for path in ("/fhir/Patient", "/fhir/metadata"):
+        response = client.get(path, headers=headers, params=params)
+        assert response.status_code == 406, (path, response.text)
+        assert response.json()["issue"][0]["code"] == "not-supported"
+
+
+@pytest.mark.parametrize(
+    ("headers", "params"),
+    [
+        ({"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}, {}),
+        ({"Accept": "application/fhir+json; fhirVersion=4.0"}, {}),
+        ({"Accept": "application/json"}, {}),
+        ({"Accept": "application/fhir+xml"}, {"_format": "json"}),
+        ({}, {"_format": "application/fhir+json"}),
+    ],
+)
+def test_json_is_answered_whenever_the_client_takes_it(
+    client: TestClient, headers: dict[str, str], params: dict[str, str]
+) -> None:
+    assert client.get("/fhir/Patient", headers=headers, params=params).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_the_capability_statement_is_only_read(client: TestClient, method: str) -> None:
+    response = client.request(method, "/fhir/metadata")
+    assert response.status_code == 405, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient/" + "x" * 65, "/fhir/Patient/a_b/_history"])
+def test_a_malformed_id_in_the_url_is_a_400(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["code"] == "value"
