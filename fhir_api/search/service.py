@@ -251,7 +251,9 @@ def _run(
         rows = rows[: query.count]
         if backwards:
             rows.reverse()
-    encoded_pairs = urlencode(query.pairs, safe=":,/")
+    # The links say the search as performed: a `_count` past the maximum as capped.
+    pairs = [(name, str(query.count) if name == "_count" else value) for name, value in query.pairs]
+    encoded_pairs = urlencode(pairs, safe=":,/")
     links = [{"relation": "self", "url": _link(link_base, encoded_pairs, query.cursor)}]
     links.append({"relation": "first", "url": _link(link_base, encoded_pairs)})
     if rows:

@@ -37,6 +37,8 @@ def test_count_default_and_maximum(client: TestClient) -> None:
     capped = search(client, "/fhir/Patient?_count=5000")
     assert len(capped["entry"]) == 23
     assert capped["total"] == 23
+    # The links say the search as performed.
+    assert all("_count=1000" in link["url"] for link in capped["link"])
     only_total = search(client, "/fhir/Patient?_count=0")
     assert only_total["total"] == 23
     assert only_total["entry"] == []
