@@ -79,3 +79,42 @@ def rederive_current(
             )
     add_care_relationships(session, pairs)
     session.flush()
+
+
+def rederive_history(connection: Connection, owners: Sequence[Any], *, base_url: str) -> None:
+    """Derive each version's patients for resources (type, id) with several versions or deleted.
+
+    A deletion keeps the patients of the version it ends, on its history row
+    and, when it is the current one, on the tombstone.
+    """
+    for resource_type, resource_id in owners:
+        key = {"type": resource_type, "id": resource_id}
+        versions = connection.execute(
+            text(
+                "SELECT version_id, deleted, resource FROM fhir_resource_version"
+                " WHERE resource_type = :type AND id = :id ORDER BY version_id"
+            ),
+            key,
+        ).all()
+        patients: list[str] = []
+        for version_id, deleted, document in versions:
+            if not deleted and document is not None:
+                patients = sorted(extract_index(localized(document, base_url)).patient_ids)
+            connection.execute(
+                text(
+                    "UPDATE fhir_resource_version SET patient_ids = CAST(:patients AS text[])"
+                    " WHERE resource_type = :type AND id = :id AND version_id = :version"
+                ),
+                {**key, "version": version_id, "patients": patients},
+            )
+        if versions and versions[-1][1]:
+            compartment_key = resource_id if resource_type == "Patient" else None
+            if compartment_key is None and patients:
+                compartment_key = patients[0]
+            connection.execute(
+                text(
+                    "UPDATE fhir_resource SET patient_ids = CAST(:patients AS text[]),"
+                    " compartment_key = :compartment WHERE resource_type = :type AND id = :id"
+                ),
+                {**key, "patients": patients, "compartment": compartment_key},
+            )

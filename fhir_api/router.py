@@ -34,14 +34,18 @@ async def acceptable_format(request: Request) -> None:
     """Answer 406 when the client accepts no format Waha writes (R4 http.html#mime-type)."""
     wanted = request.query_params.get("_format")
     if wanted is not None:
+        # Written unencoded, `application/fhir+json` arrives with a space for its plus.
+        wanted = wanted.replace(" ", "+")
         if wanted.split(";")[0].strip().lower() not in ACCEPTABLE_FORMATS:
             raise NotAcceptable(f"_format={wanted}: Waha answers in FHIR JSON only")
         return  # _format overrides Accept
-    accept = request.headers.get("accept")
-    if not accept or not accept.strip():
+    accept = ",".join(request.headers.getlist("accept"))
+    if not accept.strip():
         return
     ranges = {part.split(";")[0].strip().lower() for part in accept.split(",")}
-    if not ranges & ACCEPTABLE_RANGES:
+    # `application/*+json` and the like take any JSON, FHIR's included.
+    structured = any(r.startswith("application/") and r.endswith("+json") for r in ranges)
+    if not (ranges & ACCEPTABLE_RANGES or structured):
         raise NotAcceptable(f"Accept: {accept[:100]}: Waha answers in application/fhir+json only")
 
 

@@ -539,8 +539,11 @@ class TransactionEngine:
                         )
                     if target_key not in bundle_targets:
                         missing.setdefault(target_key, []).append(where)
-                        if len(parts) == 4 and parts[2] == "_history" and parts[3].isdigit():
-                            versions.add((*target_key, int(parts[3])))
+                        if len(parts) == 4 and parts[2] == "_history":
+                            # A version no row can have (not a small number) is absent.
+                            number = parts[3]
+                            valid = number.isascii() and number.isdigit() and len(number) <= 9
+                            versions.add((*target_key, int(number) if valid else -1))
                         else:
                             current.add(target_key)
         if not missing:
@@ -554,14 +557,14 @@ class TransactionEngine:
             hidden = repository.list_hidden(self.session, candidates, condition)
         existing: set[tuple[str, str]] | None = None
         if self.settings.enforce_referential_integrity:
-            existing = repository.list_existing(self.session, list(missing))
+            live = repository.list_existing(self.session, sorted(current))
             # A reference to a version needs that version, not a live resource:
             # a batch's Provenance names the update of what a later entry deleted.
             stored = repository.list_existing_versions(self.session, sorted(versions))
-            existing |= {
+            existing = {
                 key
                 for key in missing
-                if key not in current
+                if (key not in current or key in live)
                 and all(version in stored for version in versions if version[:2] == key)
             }
         dangling = [

@@ -514,34 +514,53 @@ def test_devices_naming_a_patient_stored_before_become_that_patients(
     settings: Settings, run_id: str, worker_id: str
 ) -> None:
     device = {"resourceType": "Device", "id": "d1", "patient": {"reference": "Patient/p1"}}
+    implant = {"resourceType": "Device", "id": "d2", "patient": {"reference": "Patient/p2"}}
     with _scratch_database(settings, f"waha_device_owner_{run_id}_{worker_id}") as url:
         config = alembic_config(url)
         command.upgrade(config, "0025")
         engine = create_engine(url)
         with engine.begin() as connection:
-            for table in ("fhir_resource", "fhir_resource_version"):
-                extra = ", method" if table == "fhir_resource_version" else ""
-                connection.execute(
-                    text(
-                        f"INSERT INTO {table} (resource_type, id, version_id, last_updated,"  # noqa: S608
-                        f" author, resource{extra}) VALUES ('Device', 'd1', 1, now(),"
-                        f" 'Device/unit-01', CAST(:body AS jsonb){', :method' if extra else ''})"
-                    ),
-                    {"body": json.dumps(device), "method": "POST"},
-                )
-            connection.execute(text("UPDATE fhir_resource SET refs = ARRAY['patient=Patient/p1']"))
+            # d1 live at version 1; d2 written, then deleted: what 0025 left.
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource (resource_type, id, version_id, last_updated,"
+                    " deleted, author, refs, resource) VALUES"
+                    " ('Device', 'd1', 1, now(), false, 'Device/unit-01',"
+                    " ARRAY['patient=Patient/p1'], CAST(:d1 AS jsonb)),"
+                    " ('Device', 'd2', 2, now(), true, 'admin', '{}', NULL)"
+                ),
+                {"d1": json.dumps(device)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO fhir_resource_version (resource_type, id, version_id,"
+                    " last_updated, method, deleted, author, resource) VALUES"
+                    " ('Device', 'd1', 1, now(), 'POST', false, 'Device/unit-01',"
+                    " CAST(:d1 AS jsonb)),"
+                    " ('Device', 'd2', 1, now(), 'POST', false, 'admin', CAST(:d2 AS jsonb)),"
+                    " ('Device', 'd2', 2, now(), 'DELETE', true, 'admin', NULL)"
+                ),
+                {"d1": json.dumps(device), "d2": json.dumps(implant)},
+            )
         command.upgrade(config, "head")
         with engine.connect() as connection:
             current = connection.execute(
-                text("SELECT patient_ids, compartment_key FROM fhir_resource")
-            ).one()
-            version = connection.execute(
-                text("SELECT patient_ids FROM fhir_resource_version")
-            ).scalar_one()
+                text("SELECT id, patient_ids, compartment_key FROM fhir_resource ORDER BY id")
+            ).all()
+            versions = connection.execute(
+                text(
+                    "SELECT id, version_id, patient_ids FROM fhir_resource_version"
+                    " ORDER BY id, version_id"
+                )
+            ).all()
             granted = connection.execute(
                 text("SELECT grantee, patient_id FROM care_relationship")
             ).all()
         engine.dispose()
-    assert tuple(current) == (["p1"], "p1")
-    assert version == ["p1"]
+    assert [tuple(row) for row in current] == [("d1", ["p1"], "p1"), ("d2", ["p2"], "p2")]
+    assert [tuple(row) for row in versions] == [
+        ("d1", 1, ["p1"]),
+        ("d2", 1, ["p2"]),
+        ("d2", 2, ["p2"]),
+    ]
     assert [tuple(pair) for pair in granted] == [("unit:unit-01", "p1")]

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from fhir_api.search_index import extract_index
-from fhir_api.search_index.encoding import localized
+from fhir_api.rederive import rederive_history
 from hub.settings import get_settings
 
 revision: str = "0024"
@@ -46,37 +45,7 @@ def upgrade() -> None:
     owners = connection.execute(
         sa.text("SELECT resource_type, id FROM fhir_resource WHERE deleted OR version_id > 1")
     ).all()
-    for resource_type, resource_id in owners:
-        key = {"type": resource_type, "id": resource_id}
-        versions = connection.execute(
-            sa.text(
-                "SELECT version_id, deleted, resource FROM fhir_resource_version"
-                " WHERE resource_type = :type AND id = :id ORDER BY version_id"
-            ),
-            key,
-        ).all()
-        patients: list[str] = []
-        for version_id, deleted, document in versions:
-            if not deleted and document is not None:
-                patients = sorted(extract_index(localized(document, base_url)).patient_ids)
-            connection.execute(
-                sa.text(
-                    "UPDATE fhir_resource_version SET patient_ids = CAST(:patients AS text[])"
-                    " WHERE resource_type = :type AND id = :id AND version_id = :version"
-                ),
-                {**key, "version": version_id, "patients": patients},
-            )
-        if versions and versions[-1][1]:
-            compartment_key = resource_id if resource_type == "Patient" else None
-            if compartment_key is None and patients:
-                compartment_key = patients[0]
-            connection.execute(
-                sa.text(
-                    "UPDATE fhir_resource SET patient_ids = CAST(:patients AS text[]),"
-                    " compartment_key = :compartment WHERE resource_type = :type AND id = :id"
-                ),
-                {**key, "patients": patients, "compartment": compartment_key},
-            )
+    rederive_history(connection, owners, base_url=base_url)
 
 
 def downgrade() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from fhir_api.rederive import rederive_current
+from fhir_api.rederive import rederive_current, rederive_history
 from fhir_api.search_index.definitions import OWNED_BY_PATIENT
 from hub.settings import get_settings
 
@@ -33,9 +33,17 @@ def upgrade() -> None:
         ),
         {"types": sorted(OWNED_BY_PATIENT)},
     ).all()
-    rederive_current(
-        connection, rows, base_url=get_settings().fhir_base_url, version_patients=True
-    )
+    base_url = get_settings().fhir_base_url
+    rederive_current(connection, rows, base_url=base_url, version_patients=True)
+    # Their older versions and deletions too: each shown only to its patient's.
+    owners = connection.execute(
+        sa.text(
+            "SELECT resource_type, id FROM fhir_resource"
+            " WHERE resource_type = ANY(CAST(:types AS text[])) AND (deleted OR version_id > 1)"
+        ),
+        {"types": sorted(OWNED_BY_PATIENT)},
+    ).all()
+    rederive_history(connection, owners, base_url=base_url)
 
 
 def downgrade() -> None:

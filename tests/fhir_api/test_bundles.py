@@ -321,3 +321,19 @@ def test_a_body_that_is_no_json_object_is_a_400(client: TestClient, body: bytes)
     response = client.post("/fhir", content=body, headers={"Content-Type": "application/fhir+json"})
     assert response.status_code == 400, response.text
     assert response.json()["issue"][0]["code"] == "structure"
+
+
+@pytest.mark.parametrize("version", ["99999999999", "\u00b2", "abc"])
+def test_a_reference_to_a_version_no_row_can_have_is_a_422(
+    client: TestClient, version: str
+) -> None:
+    client.put("/fhir/Patient/ver1", json={"resourceType": "Patient", "id": "ver1"})
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "pouls"},
+        "subject": {"reference": f"Patient/ver1/_history/{version}"},
+    }
+    response = client.post("/fhir/Observation", json=observation)
+    assert response.status_code == 422, response.text
+    assert response.json()["issue"][0]["code"] == "not-found"

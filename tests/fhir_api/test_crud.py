@@ -330,6 +330,7 @@ def test_a_format_waha_does_not_write_is_a_406(
         ({"Accept": "application/json"}, {}),
         ({"Accept": "application/fhir+xml"}, {"_format": "json"}),
         ({}, {"_format": "application/fhir+json"}),
+        ({"Accept": "application/*+json"}, {}),
     ],
 )
 def test_json_is_answered_whenever_the_client_takes_it(
@@ -350,3 +351,13 @@ def test_a_malformed_id_in_the_url_is_a_400(client: TestClient, path: str) -> No
     response = client.get(path)
     assert response.status_code == 400, response.text
     assert response.json()["issue"][0]["code"] == "value"
+
+
+def test_an_unencoded_format_and_several_accept_headers_are_read_as_meant(
+    client: TestClient,
+) -> None:
+    # `_format=application/fhir+json` typed as is: its plus arrives as a space.
+    assert client.get("/fhir/Patient?_format=application/fhir+json").status_code == 200
+    assert client.get("/fhir/metadata?_format=application/json+fhir").status_code == 200
+    several = [("Accept", "application/xml"), ("Accept", "application/fhir+json")]
+    assert client.get("/fhir/Patient", headers=several).status_code == 200
