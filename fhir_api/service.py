@@ -368,11 +368,19 @@ def _run_batch(
         try:
             if isinstance(request, WahaError):
                 raise request
-            with session.begin_nested():
-                if request.method == "PATCH":
-                    request = _as_write(session, request, context=context, settings=settings)
-                engine = TransactionEngine(session, context=context, settings=settings)
-                results.extend(engine.run([request], locked=True))
+            try:
+                with session.begin_nested():
+                    if request.method == "PATCH":
+                        request = _as_write(session, request, context=context, settings=settings)
+                    engine = TransactionEngine(session, context=context, settings=settings)
+                    results.extend(engine.run([request], locked=True))
+            except OperationalError as error:
+                # A lock this entry waited for past the bound fails it alone.
+                if not isinstance(error.orig, psycopg.errors.LockNotAvailable):
+                    raise
+                raise BundleInFlight(
+                    "another request holds what this entry writes; retry"
+                ) from None
         except WahaError as error:
             results.append(EntryResult(error.status, outcome=operation_outcome(error.issues)))
     return results

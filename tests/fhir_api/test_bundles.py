@@ -337,3 +337,53 @@ def test_a_reference_to_a_version_no_row_can_have_is_a_422(
     response = client.post("/fhir/Observation", json=observation)
     assert response.status_code == 422, response.text
     assert response.json()["issue"][0]["code"] == "not-found"
+
+
+def test_a_batch_entry_waiting_too_long_for_a_lock_fails_alone(
+    db_engine: Engine, session: Session
+) -> None:
+    settings = WriteSettings(base_url="http://127.0.0.1:8000/fhir")
+    limits = service.BundleLimits(max_entries=100, idempotency_wait_seconds=0.2)
+    marker = f"LOCKED-{uuid.uuid4().hex[:8]}"
+    created = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "urn:waha:test", "value": marker}],
+                },
+                "request": {"method": "POST", "url": "Patient"},
+            }
+        ],
+    }
+    _, answer = service.process_bundle(
+        session, created, context=SYSTEM_CONTEXT, settings=settings, limits=limits
+    )
+    patient_id = answer["entry"][0]["response"]["location"].split("/")[1]
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                # Its criteria find the Patient whose write lock another request holds.
+                "resource": {"resourceType": "Patient", "gender": "female"},
+                "request": {"method": "PUT", "url": f"Patient?identifier=urn:waha:test|{marker}"},
+            },
+            {
+                "resource": {"resourceType": "Patient", "id": "free-one"},
+                "request": {"method": "PUT", "url": "Patient/free-one"},
+            },
+        ],
+    }
+    key = repository.lock_key(f"res:Patient/{patient_id}")
+    with db_engine.connect() as other:
+        other.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        status, response = service.process_bundle(
+            session, batch, context=SYSTEM_CONTEXT, settings=settings, limits=limits
+        )
+        other.rollback()
+    assert status == 200
+    statuses = [entry["response"]["status"][:3] for entry in response["entry"]]
+    assert statuses == ["409", "201"]
