@@ -13,6 +13,7 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from fhir_api.context import UNRESTRICTED_ACCESS, AuditNotes
 from hub.db import SessionDep
@@ -211,6 +212,43 @@ def read_binary(
         )
         headers.update({"Location": redirect.url, "Cache-Control": "no-store"})
         return Response(status_code=307, headers=headers)
+    return _download(session, settings, caller, binary_storage, binary_id, as_resource=as_resource)
+
+
+@router.get("/{binary_id}/_history/{version_id}", response_model=None)
+def vread_binary(
+    binary_id: str,
+    version_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    binary_storage: StorageDep,
+    accept: Annotated[str | None, Header(alias="Accept")] = None,
+) -> Response:
+    """Serve a version of a Binary, as its upload's Location names it: bytes or resource."""
+    as_resource = _wants_resource(accept, request.query_params.get("_format"))
+    return _download(
+        session,
+        settings,
+        caller,
+        binary_storage,
+        binary_id,
+        as_resource=as_resource,
+        version=version_id,
+    )
+
+
+def _download(
+    session: Session,
+    settings: Settings,
+    caller: service.Caller,
+    binary_storage: BinaryStorage,
+    binary_id: str,
+    *,
+    as_resource: bool,
+    version: str | None = None,
+) -> Response:
     opener = service.open_binary_resource if as_resource else service.open_binary
     download = opener(
         session,
@@ -218,6 +256,7 @@ def read_binary(
         binary_id=binary_id,
         caller=caller,
         base_url=settings.fhir_base_url,
+        version=version,
     )
     headers = _version_headers(download.version_id, _http_date(download))
     # Never let a browser guess a type, nor run what it renders.

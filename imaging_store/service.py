@@ -593,13 +593,26 @@ def _open_object(storage: BinaryStorage, row: BinaryObjectRow) -> Iterator[bytes
         raise BinaryNotFound(f"Binary/{row.id} has no stored content") from None
 
 
+def _check_version(binary_id: str, wanted: str | None, current: int) -> None:
+    # Stored bytes never change: the current version is the one with content.
+    if wanted is not None and wanted != str(current):
+        raise BinaryNotFound(f"Binary/{binary_id} has no version {wanted[:20]} with content")
+
+
 def open_binary(
-    session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
+    session: Session,
+    *,
+    storage: BinaryStorage,
+    binary_id: str,
+    caller: Caller,
+    base_url: str,
+    version: str | None = None,
 ) -> BinaryDownload:
-    """Open a Binary's bytes for streaming, as stored."""
+    """Open a Binary's bytes for streaming, as stored (of `version`, when named)."""
     _, version_id, last_updated, row = current_binary(
         session, binary_id=binary_id, caller=caller, base_url=base_url
     )
+    _check_version(binary_id, version, version_id)
     return BinaryDownload(
         id=row.id,
         version_id=version_id,
@@ -611,12 +624,19 @@ def open_binary(
 
 
 def open_binary_resource(
-    session: Session, *, storage: BinaryStorage, binary_id: str, caller: Caller, base_url: str
+    session: Session,
+    *,
+    storage: BinaryStorage,
+    binary_id: str,
+    caller: Caller,
+    base_url: str,
+    version: str | None = None,
 ) -> BinaryDownload:
     """Open a Binary as FHIR JSON, its `data` base64-encoded while streaming."""
     resource, version_id, last_updated, row = current_binary(
         session, binary_id=binary_id, caller=caller, base_url=base_url
     )
+    _check_version(binary_id, version, version_id)
     chunks = _open_object(storage, row)
     return BinaryDownload(
         id=row.id,

@@ -50,6 +50,7 @@ _SUBTYPES: dict[tuple[str, str], str] = {
     ("GET", "/fhir/{compartment}/{compartment_id}/{resource_type}"): "search-type",
     ("POST", "/fhir/Binary"): "create",
     ("GET", "/fhir/Binary/{binary_id}"): "read",
+    ("GET", "/fhir/Binary/{binary_id}/_history/{version_id}"): "vread",
     ("GET", "/fhir/AuditEvent"): "search-type",
     ("GET", "/fhir/AuditEvent/{audit_event_id}"): "read",
 }

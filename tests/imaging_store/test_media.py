@@ -1074,3 +1074,27 @@ def test_a_malformed_binary_url_is_refused_not_kept_unchecked(
     )
     body = assert_refused(response, 422, "not-found", "Bundle.entry[2].resource.content.url")
     assert "names no stored Binary" in body["issue"][0]["diagnostics"]
+
+
+@pytest.mark.usefixtures("reference_data")
+def test_the_uploads_location_serves_its_bytes_to_whoever_may_read_them(
+    client: TestClient, auth_headers: Headers, unit_01: dict[str, str]
+) -> None:
+    content = samples.jpeg()
+    uploaded = client.post(
+        "/fhir/Binary", content=content, headers={**unit_01, "Content-Type": "image/jpeg"}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    location = "/fhir/" + uploaded.headers["Location"].split("/fhir/", 1)[1]
+    assert location.endswith("/_history/1")
+    served = client.get(location, headers=unit_01)
+    assert served.status_code == 200, served.text
+    assert served.content == content
+    assert served.headers["X-Content-Type-Options"] == "nosniff"
+    resource = client.get(location, headers={**unit_01, "Accept": "application/fhir+json"})
+    assert base64.b64decode(resource.json()["data"]) == content
+    binary_id = uploaded.json()["id"]
+    assert client.get(f"/fhir/Binary/{binary_id}/_history/2", headers=unit_01).status_code == 404
+    assert client.get(location, headers=auth_headers("unit-02")).status_code == 404
+    assert client.delete(f"/fhir/Binary/{binary_id}", headers=unit_01).status_code == 204
+    assert client.get(location, headers=unit_01).status_code == 410

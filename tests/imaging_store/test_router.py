@@ -136,12 +136,18 @@ def test_fhir_json_read_encodes_every_length_exactly(client: TestClient) -> None
         assert base64.b64decode(resource["data"]) == content
 
 
-def test_history_and_vread_of_a_binary_carry_no_data(client: TestClient) -> None:
-    binary_id, _ = _upload(client, samples.png(), "image/png")
+def test_a_vread_serves_as_a_read_and_history_carries_no_data(client: TestClient) -> None:
+    image = samples.png()
+    binary_id, _ = _upload(client, image, "image/png")
+    # The upload's Location: the bytes, or the resource with its data as asked.
     vread = client.get(f"/fhir/Binary/{binary_id}/_history/1")
     assert vread.status_code == 200
-    assert vread.json()["contentType"] == "image/png"
-    assert "data" not in vread.json()
+    assert vread.content == image
+    as_resource = client.get(
+        f"/fhir/Binary/{binary_id}/_history/1", headers={"Accept": "application/fhir+json"}
+    )
+    assert as_resource.json()["contentType"] == "image/png"
+    assert base64.b64decode(as_resource.json()["data"]) == image
     history = client.get(f"/fhir/Binary/{binary_id}/_history").json()
     assert [entry["resource"]["meta"]["versionId"] for entry in history["entry"]] == ["1"]
     assert all("data" not in entry["resource"] for entry in history["entry"])
