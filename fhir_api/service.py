@@ -260,6 +260,10 @@ def process_bundle(
         results = engine.run(requests, locked=True)
     else:
         results = _run_batch(session, batch, context=context, settings=settings)
+        if identifier is not None and any(_transient(result) for result in results):
+            # A stored answer is replayed forever: one that says "retry" must
+            # not be kept, so the whole batch is retried under its key.
+            raise BundleInFlight("another request holds what this batch writes; retry")
     _record_provenance(session, bundle, results, context=context, settings=settings)
     response: JSONObject = {
         "resourceType": "Bundle",
@@ -353,6 +357,11 @@ def _provenance_agent(session: Session, context: RequestContext) -> JSONObject:
     if ("Organization", unit) in known:
         agent["onBehalfOf"] = {"reference": f"Organization/{unit}"}
     return agent
+
+
+def _transient(result: EntryResult) -> bool:
+    issues = (result.outcome or {}).get("issue") or [{}]
+    return result.status == BundleInFlight.status and issues[0].get("code") == "transient"
 
 
 def _run_batch(

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from minio import Minio
 from sqlalchemy.orm import Session
 
-from imaging_store.service import Caller, current_binary
+from imaging_store.service import Caller, binary_at
 from imaging_store.sniffing import PDF
 from imaging_store.storage import BinaryStorage, StorageConfig
 
@@ -110,11 +110,12 @@ def redirect_binary(
     expires_seconds: int,
     public_endpoint: str | None = None,
     public_secure: bool | None = None,
+    version: str | None = None,
 ) -> BinaryRedirect:
     """Check that the caller may read a Binary, then return a presigned URL of its bytes."""
     # The same checks as a streamed read: existence (404/410), then the access rules.
-    _, version_id, last_updated, row = current_binary(
-        session, binary_id=binary_id, caller=caller, base_url=base_url
+    _, version_id, last_updated, row = binary_at(
+        session, binary_id=binary_id, caller=caller, base_url=base_url, version=version
     )
     url = presigned_download_url(
         storage,

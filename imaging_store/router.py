@@ -195,23 +195,6 @@ def read_binary(
 ) -> Response:
     """Stream a Binary's bytes, or with Accept: application/fhir+json its resource."""
     as_resource = _wants_resource(accept, request.query_params.get("_format"))
-    if settings.binary_download_redirect and not as_resource:
-        # MinIO serves the bytes itself, from a URL that expires within 5 minutes.
-        redirect = presign.redirect_binary(
-            session,
-            storage=binary_storage,
-            binary_id=binary_id,
-            caller=caller,
-            base_url=settings.fhir_base_url,
-            expires_seconds=settings.binary_redirect_seconds,
-            public_endpoint=settings.s3_public_endpoint,
-            public_secure=settings.s3_public_secure,
-        )
-        headers = _version_headers(
-            redirect.version_id, redirect.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT")
-        )
-        headers.update({"Location": redirect.url, "Cache-Control": "no-store"})
-        return Response(status_code=307, headers=headers)
     return _download(session, settings, caller, binary_storage, binary_id, as_resource=as_resource)
 
 
@@ -249,6 +232,24 @@ def _download(
     as_resource: bool,
     version: str | None = None,
 ) -> Response:
+    if settings.binary_download_redirect and not as_resource:
+        # MinIO serves the bytes itself, from a URL that expires within 5 minutes.
+        redirect = presign.redirect_binary(
+            session,
+            storage=binary_storage,
+            binary_id=binary_id,
+            caller=caller,
+            base_url=settings.fhir_base_url,
+            expires_seconds=settings.binary_redirect_seconds,
+            public_endpoint=settings.s3_public_endpoint,
+            public_secure=settings.s3_public_secure,
+            version=version,
+        )
+        headers = _version_headers(
+            redirect.version_id, redirect.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT")
+        )
+        headers.update({"Location": redirect.url, "Cache-Control": "no-store"})
+        return Response(status_code=307, headers=headers)
     opener = service.open_binary_resource if as_resource else service.open_binary
     download = opener(
         session,

@@ -593,10 +593,36 @@ def _open_object(storage: BinaryStorage, row: BinaryObjectRow) -> Iterator[bytes
         raise BinaryNotFound(f"Binary/{row.id} has no stored content") from None
 
 
-def _check_version(binary_id: str, wanted: str | None, current: int) -> None:
-    # Stored bytes never change: the current version is the one with content.
-    if wanted is not None and wanted != str(current):
-        raise BinaryNotFound(f"Binary/{binary_id} has no version {wanted[:20]} with content")
+def binary_at(
+    session: Session, *, binary_id: str, caller: Caller, base_url: str, version: str | None
+) -> tuple[JSONObject, int, datetime, BinaryObjectRow]:
+    """Return a readable Binary as `current_binary` does, or one version of it.
+
+    Stored bytes never change, so every version that is not a deletion names
+    the same content; only its metadata and ETag are its own.
+    """
+    resource, version_id, last_updated, row = current_binary(
+        session, binary_id=binary_id, caller=caller, base_url=base_url
+    )
+    if version is None or version == str(version_id):
+        return resource, version_id, last_updated, row
+    try:
+        # The caller's right to this Binary is checked above.
+        result = fhir_service.run_interaction(
+            session,
+            EntryRequest(
+                method="GET", resource_type="Binary", resource_id=binary_id, version_id=version
+            ),
+            context=RequestContext(
+                client_id=caller.client_id, author=caller.author, request_id=caller.request_id
+            ),
+            settings=WriteSettings(base_url=base_url),
+        )
+    except ResourceNotFound:
+        raise BinaryNotFound(f"Binary/{binary_id} has no version {version[:20]}") from None
+    assert result.resource is not None and result.version_id is not None  # noqa: S101
+    assert result.last_updated is not None  # noqa: S101
+    return result.resource, result.version_id, result.last_updated, row
 
 
 def open_binary(
@@ -609,10 +635,9 @@ def open_binary(
     version: str | None = None,
 ) -> BinaryDownload:
     """Open a Binary's bytes for streaming, as stored (of `version`, when named)."""
-    _, version_id, last_updated, row = current_binary(
-        session, binary_id=binary_id, caller=caller, base_url=base_url
+    _, version_id, last_updated, row = binary_at(
+        session, binary_id=binary_id, caller=caller, base_url=base_url, version=version
     )
-    _check_version(binary_id, version, version_id)
     return BinaryDownload(
         id=row.id,
         version_id=version_id,
@@ -633,10 +658,9 @@ def open_binary_resource(
     version: str | None = None,
 ) -> BinaryDownload:
     """Open a Binary as FHIR JSON, its `data` base64-encoded while streaming."""
-    resource, version_id, last_updated, row = current_binary(
-        session, binary_id=binary_id, caller=caller, base_url=base_url
+    resource, version_id, last_updated, row = binary_at(
+        session, binary_id=binary_id, caller=caller, base_url=base_url, version=version
     )
-    _check_version(binary_id, version, version_id)
     chunks = _open_object(storage, row)
     return BinaryDownload(
         id=row.id,

@@ -387,3 +387,18 @@ def test_a_batch_entry_waiting_too_long_for_a_lock_fails_alone(
     assert status == 200
     statuses = [entry["response"]["status"][:3] for entry in response["entry"]]
     assert statuses == ["409", "201"]
+    # With an identifier its answer would be replayed forever: the whole batch
+    # is refused instead, keeps no receipt, and its retry runs again.
+    keyed = {**batch, "identifier": {"system": "urn:waha:test", "value": marker}}
+    with db_engine.connect() as other:
+        other.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        with pytest.raises(BundleInFlight):
+            with session.begin_nested():
+                service.process_bundle(
+                    session, keyed, context=SYSTEM_CONTEXT, settings=settings, limits=limits
+                )
+        other.rollback()
+    status, retried = service.process_bundle(
+        session, copy.deepcopy(keyed), context=SYSTEM_CONTEXT, settings=settings, limits=limits
+    )
+    assert [entry["response"]["status"][:3] for entry in retried["entry"]] == ["200", "200"]

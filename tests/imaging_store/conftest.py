@@ -108,6 +108,23 @@ def s3_down_client(
 
 
 @pytest.fixture(scope="session")
+def redirect_app(settings: Settings, db_engine: Engine) -> FastAPI:
+    """An application that answers downloads with a presigned redirect."""
+    return _app_for(settings.model_copy(update={"binary_download_redirect": True}), db_engine)
+
+
+@pytest.fixture
+def redirect_client(
+    redirect_app: FastAPI, session: Session, auth_headers: Callable[[str], dict[str, str]]
+) -> Iterator[TestClient]:
+    """An admin's HTTP client of the application that redirects downloads."""
+    with TestClient(
+        redirect_app, raise_server_exceptions=False, headers=auth_headers("admin")
+    ) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
 def s3(settings: Settings) -> Minio:
     """A plain S3 client on the test server, to look at what was stored."""
     return Minio(

@@ -427,3 +427,48 @@ def test_deleted_binary_is_gone(client: TestClient, session: Session) -> None:
         text("SELECT deleted_at FROM binary_object WHERE id = :id"), {"id": binary_id}
     ).scalar_one()
     assert deleted_at is not None
+
+
+def test_every_version_of_a_binary_names_its_bytes(client: TestClient) -> None:
+    image = samples.png()
+    binary_id, _ = _upload(client, image, "image/png")
+    # A metadata update (a securityContext) makes version 2 of the same bytes.
+    client.put("/fhir/Patient/sc-1", json={"resourceType": "Patient", "id": "sc-1"})
+    current = client.get(
+        f"/fhir/Binary/{binary_id}", headers={"Accept": "application/fhir+json"}
+    ).json()
+    relabelled = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Binary",
+                    "id": binary_id,
+                    "contentType": "image/png",
+                    "securityContext": {"reference": "Patient/sc-1"},
+                    "data": current["data"],
+                },
+                "request": {"method": "PUT", "url": f"Binary/{binary_id}"},
+            }
+        ],
+    }
+    assert client.post("/fhir", json=relabelled).status_code == 200
+    for version in ("1", "2"):
+        served = client.get(f"/fhir/Binary/{binary_id}/_history/{version}")
+        assert served.status_code == 200, (version, served.text)
+        assert served.content == image
+        assert served.headers["ETag"] == f'W/"{version}"'
+    first = client.get(
+        f"/fhir/Binary/{binary_id}/_history/1", headers={"Accept": "application/fhir+json"}
+    ).json()
+    assert "securityContext" not in first and first["meta"]["versionId"] == "1"
+    assert client.get(f"/fhir/Binary/{binary_id}/_history/3").status_code == 404
+
+
+def test_a_version_url_redirects_as_the_binary_does(redirect_client: TestClient) -> None:
+    binary_id, _ = _upload(redirect_client, samples.png(), "image/png")
+    for path in (f"/fhir/Binary/{binary_id}", f"/fhir/Binary/{binary_id}/_history/1"):
+        answer = redirect_client.get(path, follow_redirects=False)
+        assert answer.status_code == 307, (path, answer.text)
+        assert "X-Amz-Signature=" in answer.headers["Location"]
