@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from fhir_api import repository
 from fhir_api import search as search_service
 from fhir_api.context import UNRESTRICTED_ACCESS, AccessControl, AuditNotes
-from fhir_api.errors import InvalidId, ResourceGone, ResourceNotFound, UnparsableBody
+from fhir_api.errors import ResourceGone, ResourceNotFound, UnparsableBody
 from fhir_api.scope import search_scope
-from fhir_api.validation import ID_PATTERN, JSONObject, check_resource_type
+from fhir_api.validation import JSONObject, check_resource_type, check_url_id
 from fhir_api.writes import EntryRequest, EntryResult, format_instant
 
 
@@ -55,7 +55,7 @@ def read_resource(
 ) -> EntryResult:
     """Return the current version; 404 when absent or not the caller's, 410 when deleted."""
     check_resource_type(resource_type)
-    _check_url_id(resource_type, resource_id)
+    check_url_id(resource_type, resource_id)
     row = repository.get_current(
         session,
         resource_type,
@@ -75,12 +75,6 @@ def read_resource(
     )
 
 
-def _check_url_id(resource_type: str, resource_id: str) -> None:
-    # A malformed id in the URL is bad syntax (400), not an invalid resource.
-    if not ID_PATTERN.fullmatch(resource_id):
-        raise InvalidId(f"{resource_type}/{resource_id[:70]}: ids match [A-Za-z0-9-.]{{1,64}}")
-
-
 def vread_resource(
     session: Session,
     *,
@@ -92,7 +86,7 @@ def vread_resource(
 ) -> EntryResult:
     """Return one version; 410 for the version that recorded a deletion."""
     check_resource_type(resource_type)
-    _check_url_id(resource_type, resource_id)
+    check_url_id(resource_type, resource_id)
     _check_visible(session, resource_type, resource_id, access, audit)
     if not version_id.isdigit():
         raise ResourceNotFound(f"{resource_type}/{resource_id} has no version {version_id!r}")
@@ -146,7 +140,7 @@ def history_bundle(
         check_resource_type(resource_type)
     if resource_id is not None:
         assert resource_type is not None  # noqa: S101
-        _check_url_id(resource_type, resource_id)
+        check_url_id(resource_type, resource_id)
         _check_visible(session, resource_type, resource_id, access, audit)
     before = None
     if page.cursor:

@@ -12,6 +12,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from fhir_api.errors import (
+    InvalidId,
     InvalidResource,
     UnknownResourceType,
     UnparsableBody,
@@ -73,6 +74,12 @@ def check_id(resource_id: str) -> None:
             f"id {resource_id!r} breaks the FHIR id rule [A-Za-z0-9-.]{{1,64}}",
             issues=[Issue("value", "id must match [A-Za-z0-9-.]{1,64}", "id")],
         )
+
+
+def check_url_id(resource_type: str, resource_id: str) -> None:
+    """Raise 400 for an id in the URL that no resource can have (bad syntax, not a bad body)."""
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise InvalidId(f"{resource_type}/{resource_id[:70]}: ids match [A-Za-z0-9-.]{{1,64}}")
 
 
 def parse_json(body: bytes) -> Any:

@@ -104,6 +104,16 @@ class Caller:
         """Return who owns what this caller uploads (a unit's client, or the person)."""
         return owner_of(self.client_id, self.author, self.unit)
 
+    def checked_context(self) -> RequestContext:
+        """Return this caller with the Binary rule already applied: no row condition.
+
+        Binary rows are private in the record store's own rule, so once
+        `check_binary_access` has let the caller in, the store must not ask again.
+        """
+        return RequestContext(
+            client_id=self.client_id, author=self.author, request_id=self.request_id
+        )
+
     def request_context(self) -> RequestContext:
         """Return this caller as the record store's writes and reads see it."""
         return RequestContext(
@@ -494,9 +504,7 @@ def current_binary(
     result = fhir_service.run_interaction(
         session,
         EntryRequest(method="GET", resource_type="Binary", resource_id=binary_id),
-        context=RequestContext(
-            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-        ),
+        context=caller.checked_context(),
         settings=WriteSettings(base_url=base_url),
     )
     if row.deleted_at is not None or result.resource is None:
@@ -613,9 +621,7 @@ def binary_at(
             EntryRequest(
                 method="GET", resource_type="Binary", resource_id=binary_id, version_id=version
             ),
-            context=RequestContext(
-                client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-            ),
+            context=caller.checked_context(),
             settings=WriteSettings(base_url=base_url),
         )
     except ResourceNotFound:
@@ -699,6 +705,9 @@ def delete_binary(
     """
     caller.access.check("delete", "Binary")
     row = repository.get_binary_object(session, binary_id)
+    # No row (purged, or never stored): the store's own rule decides, so another
+    # caller learns nothing from the answer.
+    context = caller.request_context() if row is None else caller.checked_context()
     if row is not None:
         check_binary_access(
             session,
@@ -711,9 +720,7 @@ def delete_binary(
     result = fhir_service.run_interaction(
         session,
         EntryRequest(method="DELETE", resource_type="Binary", resource_id=binary_id),
-        context=RequestContext(
-            client_id=caller.client_id, author=caller.author, request_id=caller.request_id
-        ),
+        context=context,
         settings=WriteSettings(base_url=base_url),
     )
     repository.delete_binary_object(session, binary_id, at=datetime.now(UTC))

@@ -32,7 +32,7 @@ from fhir_api.search_index import (
     resource_types,
     search_parameters_for,
 )
-from fhir_api.validation import JSONObject, check_id, check_resource_type
+from fhir_api.validation import JSONObject, check_resource_type, check_url_id
 
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -117,7 +117,7 @@ def compartment_search(
 ) -> JSONObject:
     """Answer `GET [base]/Patient/[id]/[type]?...`: a type search in a patient's compartment."""
     check_resource_type(resource_type)
-    check_id(compartment_id)
+    check_url_id(compartment, compartment_id)
     if compartment != "Patient":
         raise InvalidSearch("compartment searches are supported in the Patient compartment")
     if resource_type == "AuditEvent":

@@ -1218,22 +1218,6 @@ def test_a_patient_only_scope_narrows_every_interaction(
     )
 
 
-def test_an_upload_needs_create_not_update(
-    api: TestClient, tokens: TokenSource, signing_key: jwk.JWK
-) -> None:
-    # The Binary is written under an id the server chose: a create, whatever the method.
-    headers = _scoped(tokens, signing_key, "unit-01", "system/Binary.cr")
-    uploaded = api.post(
-        "/fhir/Binary", content=b"note de visite", headers={**headers, "Content-Type": "text/plain"}
-    )
-    assert uploaded.status_code == 201, uploaded.text
-    read_only = _scoped(tokens, signing_key, "unit-01", "system/Binary.r")
-    refused = api.post(
-        "/fhir/Binary", content=b"note", headers={**read_only, "Content-Type": "text/plain"}
-    )
-    assert_outcome(refused, 403, "forbidden")
-
-
 def test_everything_with_a_patient_only_scope_returns_only_patients(
     api: TestClient, tokens: TokenSource, signing_key: jwk.JWK, visit: Visit
 ) -> None:

@@ -23,8 +23,9 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from auth.errors import Forbidden
 from auth.policy import access_for
-from auth.tokens import TokenValidator
+from auth.tokens import Principal, TokenValidator
 from bench.population import reference_resources
 from fhir_api import writes
 from fhir_api.errors import InvalidResource
@@ -35,7 +36,13 @@ from imaging_store import media, repository
 from imaging_store.derivatives import repository as derivatives_repository
 from imaging_store.derivatives import service as derivatives_service
 from imaging_store.derivatives.handlers import TOPIC, resource_changed_handler
-from imaging_store.service import Caller
+from imaging_store.service import (
+    BinaryContent,
+    Caller,
+    StoredBinary,
+    binary_storage,
+    record_upload,
+)
 from tests.builders import BUNDLE_ID_SYSTEM, NATIONAL_ID, patient
 from tests.imaging_store import samples
 from tests.servers import TokenSource
@@ -1098,3 +1105,51 @@ def test_the_uploads_location_serves_its_bytes_to_whoever_may_read_them(
     assert client.get(location, headers=auth_headers("unit-02")).status_code == 404
     assert client.delete(f"/fhir/Binary/{binary_id}", headers=unit_01).status_code == 204
     assert client.get(location, headers=unit_01).status_code == 410
+
+
+def _unit_with_scopes(*scopes: str) -> Caller:
+    principal = Principal(
+        subject="unit-01",
+        client_id="unit-01",
+        username=None,
+        roles=frozenset({"unit"}),
+        unit="unit-01",
+        region="marrakech-safi",
+        community=None,
+        specialty=None,
+        scopes=frozenset(scopes),
+        token_id=None,
+        expires_at=4_000_000_000,
+    )
+    access = access_for(principal)
+    return Caller(
+        client_id="unit-01",
+        author=access.author,
+        request_id="test",
+        access=access,
+        unit="unit-01",
+    )
+
+
+def _upload_as(session: Session, settings: Settings, caller: Caller) -> StoredBinary:
+    content = BinaryContent(limit=1024)
+    try:
+        content.feed(b"note de visite")
+        return record_upload(
+            session,
+            storage=binary_storage(settings),
+            content=content,
+            caller=caller,
+            base_url=settings.fhir_base_url,
+            enforce_referential_integrity=True,
+        )
+    finally:
+        content.close()
+
+
+def test_an_upload_needs_create_not_update(session: Session, settings: Settings) -> None:
+    # The Binary is written under an id the server chose: a create, whatever the method.
+    stored = _upload_as(session, settings, _unit_with_scopes("system/Binary.cr"))
+    assert stored.content_type == "text/plain"
+    with pytest.raises(Forbidden):
+        _upload_as(session, settings, _unit_with_scopes("system/Binary.r"))

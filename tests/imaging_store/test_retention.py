@@ -119,7 +119,12 @@ def _with_derivatives(
 
 
 def test_purge_removes_objects_and_rows_after_retention_and_keeps_history(
-    client: TestClient, session: Session, settings: Settings, storage: BinaryStorage, s3: Minio
+    client: TestClient,
+    session: Session,
+    settings: Settings,
+    storage: BinaryStorage,
+    s3: Minio,
+    auth_headers: Callable[[str], dict[str, str]],
 ) -> None:
     binary_id = _upload(client, samples.png(64, 64), "image/png")
     _with_derivatives(session, settings, storage, binary_id)
@@ -141,6 +146,9 @@ def test_purge_removes_objects_and_rows_after_retention_and_keeps_history(
     assert _history_methods(client, binary_id) == ["DELETE", "POST"]
     # Its first version named bytes that are gone: gone too.
     assert client.get(f"/fhir/Binary/{binary_id}/_history/1").status_code == 410
+    # A unit learns nothing of a purged Binary, deleting it either.
+    unit_02 = auth_headers("unit-02")
+    assert client.delete(f"/fhir/Binary/{binary_id}", headers=unit_02).status_code == 404
     # A second run finds nothing left to do.
     assert (
         retention.purge_deleted_binaries(

@@ -56,3 +56,9 @@ def test_types_outside_the_compartment_and_other_compartments_are_400(
 def test_the_capability_statement_names_the_patient_compartment(client: TestClient) -> None:
     rest = client.get("/fhir/metadata").json()["rest"][0]
     assert rest["compartment"] == ["http://hl7.org/fhir/CompartmentDefinition/patient"]
+
+
+def test_a_malformed_patient_id_in_a_compartment_url_is_a_400(client: TestClient) -> None:
+    response = client.get("/fhir/Patient/" + "x" * 65 + "/Observation")
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["code"] == "value"
