@@ -37,6 +37,9 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin waha
 USER waha
 
 EXPOSE 8000
+# uvicorn's worker processes (one Python process uses one core); set it to the
+# cores the container has.
+ENV WEB_CONCURRENCY=2
 # No uvicorn access log: it prints raw URLs, whose query strings carry patient
 # data; the API logs each request by route template instead.
 CMD ["uvicorn", "hub.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
