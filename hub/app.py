@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 
@@ -135,7 +136,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_preparer("Binary", bundled.store_for(settings))
     # The bucket is made now if the store answers; if not, on first use.
     imaging_service.prepare_storage(settings)
+    _freeze_startup_objects()
     return app
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up built out of the garbage collector's reach.
+
+    The R4 definitions, models and compiled extractors are ~400,000 objects
+    that live as long as the process; a full collection walked them all
+    (100-200 ms with every request on the worker waiting). Frozen, only
+    objects made by requests are scanned. Once per process: the first app's
+    start-up is the process's.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
 
 
 def _session_factory() -> sessionmaker[Session]:
