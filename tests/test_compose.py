@@ -151,6 +151,14 @@ def test_api_command_and_settings(compose: ComposeFile) -> None:
     assert environment["WAHA_S3_ENDPOINT"] == "minio:9000"
     assert environment["WAHA_OIDC_ISSUER"] == "http://127.0.0.1:8080/realms/waha"
     assert environment["WAHA_OIDC_INTERNAL_URL"] == "http://keycloak:8080/realms/waha"
+    # One uvicorn process uses one core: the API runs several, as many as asked.
+    assert environment["WEB_CONCURRENCY"] == "${WAHA_API_WORKERS:-2}"
+
+
+def test_the_image_runs_several_api_workers_by_default() -> None:
+    """uvicorn reads WEB_CONCURRENCY; the image sets it so one process is not all there is."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert "ENV WEB_CONCURRENCY=2" in lines
 
 
 def test_the_image_runs_the_api_without_uvicorns_access_log() -> None:
